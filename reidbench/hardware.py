@@ -1,0 +1,46 @@
+"""Where code runs and what it runs with: device selection and the provenance recorded
+with every result."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .errors import ReIDBenchError
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` picks the GPU when there is one; asking for CUDA without one is a user error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ReIDBenchError(f"device '{device}' requested but no CUDA GPU is available")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ReIDBenchError(f"unknown device '{device}' (auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def environment() -> dict:
+    """Provenance recorded with every result."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("reidbench", "torch", "torchvision", "timm", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return {"versions": versions, "git_commit": commit, "python": platform.python_version(),
+            "platform": platform.platform(terse=True), "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -1,0 +1,219 @@
+"""The shared training loop.
+
+Every defense trains through :func:`train_model`: the loop owns data sampling (P×K),
+augmentation, optimiser, warm-up + schedule, mixed precision on a GPU, checkpoints and
+resumption; a defense only changes how a batch is prepared and which loss is minimised
+(see :class:`reidbench.defense.Defense`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.sampler import PKSampler
+from ..data.split import ReIDSubset
+from ..errors import ReIDBenchError
+from ..progress import console, log, progress_bar
+from .augment import random_erasing, random_flip, random_pad_crop
+
+
+@dataclass
+class Recipe:
+    """Everything that decides a training run. Defaults are a small CPU recipe; the papers'
+    GPU recipe (ResNet-50, 256×128, 120 epochs, step at 40/70) is a zoo entry override."""
+
+    epochs: int = 30
+    p: int = 16
+    k: int = 4
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    optimizer: str = "adam"
+    warmup_epochs: int = 3
+    schedule: str = "cosine"
+    milestones: tuple = (40, 70)
+    gamma: float = 0.1
+    label_smoothing: float = 0.1
+    triplet_margin: Optional[float] = 0.3
+    triplet_weight: float = 1.0
+    ce_weight: float = 1.0
+    flip: bool = True
+    pad: int = 4
+    random_erasing: float = 0.5
+    iters_per_epoch: Optional[int] = None
+    amp: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Optional[dict]) -> "Recipe":
+        data = dict(data or {})
+        if "batch" in data:  # zoo style: batch: {p: 16, k: 4}
+            batch = data.pop("batch") or {}
+            data.update({k: v for k, v in batch.items() if k in ("p", "k")})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ReIDBenchError(f"unknown recipe field(s) {unknown} (known: {sorted(names)})")
+        if "milestones" in data:
+            data["milestones"] = tuple(data["milestones"])
+        recipe = cls(**data)
+        if recipe.schedule not in ("cosine", "step"):
+            raise ReIDBenchError(f"unknown schedule '{recipe.schedule}' (choose cosine or step)")
+        if recipe.optimizer not in ("adam", "sgd"):
+            raise ReIDBenchError(f"unknown optimizer '{recipe.optimizer}' (choose adam or sgd)")
+        if recipe.epochs < 1 or recipe.p < 2 or recipe.k < 2:
+            raise ReIDBenchError("a recipe needs epochs >= 1 and a batch with p >= 2 identities of k >= 2 images")
+        return recipe
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["milestones"] = list(self.milestones)
+        return out
+
+    def lr_factor(self, epoch: float) -> float:
+        """Linear warm-up from 1% (Luo et al., 2019), then cosine to 0 or steps at ``milestones``."""
+        if epoch < self.warmup_epochs:
+            return 0.01 + 0.99 * epoch / self.warmup_epochs
+        if self.schedule == "step":
+            return self.gamma ** sum(epoch >= m for m in self.milestones)
+        span = max(self.epochs - self.warmup_epochs, 1)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
+
+
+@dataclass
+class TrainResult:
+    weights: Path
+    epochs_run: int
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_safetensors(state: dict, path: Path, metadata: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def relabel(pids: torch.Tensor) -> torch.Tensor:
+    """Map arbitrary person ids to contiguous class labels 0..C-1 (sorted order)."""
+    _, labels = torch.unique(pids, return_inverse=True)
+    return labels
+
+
+def train_model(
+    model: torch.nn.Module,
+    train: ReIDSubset,
+    recipe: Recipe,
+    workdir: Path,
+    defense=None,
+    device: str = "cpu",
+    progress: bool = True,
+    run_key: Optional[dict] = None,
+) -> TrainResult:
+    """Train ``model`` on ``train`` and write ``workdir/model.safetensors``.
+
+    After every epoch ``last.safetensors`` + ``last_state.pt`` are written atomically; a
+    rerun with the same recipe and ``run_key`` resumes after the last finished epoch.
+    """
+    from ..defense import Defense
+
+    defense = defense or Defense()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = _fingerprint({"recipe": recipe.to_dict(), "run": run_key or {}})
+    device = torch.device(device)
+    model.to(device)
+    use_amp = recipe.amp and device.type == "cuda"
+
+    size = tuple(getattr(model, "input_size", train.load_uint8(torch.arange(1)).shape[-2:]))
+    train = train.materialize(size) if train.images is None or tuple(train.images.shape[-2:]) != size else train
+    labels = relabel(train.pids)
+    sampler = PKSampler(train.pids, p=recipe.p, k=recipe.k, seed=recipe.seed)
+    iters = recipe.iters_per_epoch or len(sampler)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay, nesterov=True)
+
+    start_epoch, history = 0, []
+    state_path, last_path = workdir / "last_state.pt", workdir / "last.safetensors"
+    if state_path.exists() and last_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        if state.get("key") == key:
+            model.load_state_dict(load_file(str(last_path), device=str(device)))
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, history = int(state["epoch"]) + 1, json.loads(state["history"])
+
+    generator = torch.Generator().manual_seed(recipe.seed)
+    started = time.time()
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task(f"train {workdir.name}", total=recipe.epochs * iters, completed=start_epoch * iters)
+        for epoch in range(start_epoch, recipe.epochs):
+            # Re-seed per epoch so a resumed run draws exactly what an uninterrupted one would.
+            generator.manual_seed(recipe.seed * 100003 + epoch)
+            sampler.set_epoch(epoch)
+            batches = iter(sampler)
+            sums: dict = {}
+            model.train()
+            for it in range(iters):
+                try:
+                    index = next(batches)
+                except StopIteration:
+                    batches = iter(sampler)
+                    index = next(batches)
+                for group in optimizer.param_groups:
+                    group["lr"] = recipe.lr * recipe.lr_factor(epoch + it / iters)
+                images = train.images[index].float().div_(255.0)
+                if recipe.flip:
+                    images = random_flip(images, generator)
+                images = random_pad_crop(images, recipe.pad, generator)
+                images = random_erasing(images, recipe.random_erasing, generator)
+                images, pids = images.to(device, non_blocking=True), labels[index].to(device)
+                images = defense.training_batch(model, images, pids, generator)
+                model.train()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss, logs = defense.training_loss(model, images, pids, recipe)
+                if not torch.isfinite(loss):
+                    raise ReIDBenchError(f"training diverged at epoch {epoch} (loss {float(loss)}); lower the learning rate")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                logs["loss"] = float(loss.detach())
+                for name, value in logs.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                bar.update(task, advance=1, description=f"train {workdir.name} ep {epoch + 1}/{recipe.epochs} loss {logs['loss']:.3f}")
+            history.append({"epoch": epoch, **{k: v / iters for k, v in sums.items()}})
+            if progress and not console.is_terminal:  # a log file gets one line per epoch instead of a live bar
+                log(f"{workdir.name}: epoch {epoch + 1}/{recipe.epochs} " + " ".join(
+                    f"{k} {v:.4f}" for k, v in history[-1].items() if k != "epoch"))
+            _atomic_safetensors(model.state_dict(), last_path, {"epoch": str(epoch)})
+            _atomic_torch_save(
+                {"key": key, "epoch": epoch, "optimizer": optimizer.state_dict(), "history": json.dumps(history)}, state_path
+            )
+    final = workdir / "model.safetensors"
+    metadata = {"recipe": json.dumps(recipe.to_dict(), sort_keys=True), "history": json.dumps(history), "key": key}
+    metadata.update({k: json.dumps(v, sort_keys=True, default=str) for k, v in (run_key or {}).items()})
+    _atomic_safetensors(model.state_dict(), final, metadata)
+    return TrainResult(final, recipe.epochs - start_epoch, history, time.time() - started)

@@ -1,0 +1,61 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MARKET = REPO.parent / "shared" / "data" / "market1501-trainsplit"
+
+TINY_ZOO = """
+- id: tiny-none
+  backbone: resnet10t
+  dataset: {name: synthetic, preset: tiny}
+  defense: none
+  model: {input_size: [64, 32], last_stride: 1}
+  recipe: {epochs: 30, batch: {p: 8, k: 4}, lr: 1.0e-3, warmup_epochs: 2, random_erasing: 0.0}
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Every test shares one throw-away cache, never the user's ~/.cache/reidbench."""
+    cache = tmp_path_factory.mktemp("reidbench-cache")
+    old = {k: os.environ.get(k) for k in ("REIDBENCH_CACHE", "REIDBENCH_QUIET")}
+    os.environ["REIDBENCH_CACHE"] = str(cache)
+    os.environ["REIDBENCH_QUIET"] = "1"
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield cache
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_split():
+    from reidbench.data import build_dataset
+
+    return build_dataset("synthetic", preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("zoo") / "model_zoo.yaml"
+    path.write_text(TINY_ZOO)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_zoo_file, tiny_split):
+    """The tiny baseline, trained once per session through the zoo (a few seconds)."""
+    from reidbench.defense import DefendedModel, build_defense
+    from reidbench.models import build_model
+    from reidbench.zoo import load_weights, load_zoo, obtain_weights
+
+    entry = load_zoo(tiny_zoo_file)["tiny-none"]
+    weights = obtain_weights(entry, tiny_split, progress=False)
+    model = build_model(entry.model_spec())
+    load_weights(model, weights, entry.id)
+    return DefendedModel(model, build_defense(entry.defense)).eval()
