@@ -1,0 +1,4 @@
+"""The catalog of attacks. Importing this package registers every attack in
+``reidbench.registry.ATTACKS``; add a module here and import it below to add one."""
+
+from . import metric_fgsm  # noqa: F401

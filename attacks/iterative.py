@@ -1,0 +1,74 @@
+"""The iterative L∞ loop shared by every gradient attack on a metric.
+
+A subclass says only what differs: its loss (to be *ascended*), whether it starts at a
+random point of the ε-ball, and its momentum. The loop itself -- projected sign-gradient
+steps, gradient normalisation for momentum, EOT averaging -- is written once here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from reidbench.attack import Attack, AttackContext
+from reidbench.features import embed
+
+
+class IterativeMetricAttack(Attack):
+    """Projected (I-)FGSM on a feature-space loss.
+
+    Momentum follows MI-FGSM (Dong et al., CVPR 2018) as adapted to metrics by Bai et al.
+    (2019): each step's gradient is divided by its mean absolute value (per image) before it
+    is accumulated, ``g ← μ·g + ∇/mean|∇|``, and the step follows ``sign(g)``.
+    ``eot_samples > 1`` averages the gradient over that many forward passes, which is EOT
+    (Athalye et al., ICML 2018) when the model's input transform is stochastic.
+    """
+
+    random_start = False
+    momentum = 0.0
+
+    def __init__(self, eps, step, iterations, seed=0, eot_samples: int = 1, **params):
+        super().__init__(eps, step, iterations, seed, **params)
+        self.eot_samples = int(eot_samples)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "random_start": self.random_start, "momentum": self.momentum,
+                "eot_samples": self.eot_samples}
+
+    def loss(self, feats: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+        """Per-query objective to maximise, shape (B,)."""
+        raise NotImplementedError
+
+    def prepare(self, model, queries: torch.Tensor, ctx: AttackContext) -> AttackContext:
+        """Hook to compute guides once before the loop."""
+        return ctx
+
+    def gradient(self, model, x: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+        grad = torch.zeros_like(x)
+        for _ in range(self.eot_samples):
+            x_var = x.detach().requires_grad_(True)
+            objective = self.loss(embed(model, x_var), ctx).sum()
+            grad += torch.autograd.grad(objective, x_var)[0]
+        return grad / self.eot_samples
+
+    def perturb(self, model, queries: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+        model.eval()
+        ctx = self.prepare(model, queries, ctx)
+        x0 = queries.detach()
+        if self.random_start:
+            noise = torch.rand(x0.shape, generator=ctx.generator).to(x0.device)
+            delta = (noise * 2 - 1) * self.eps
+        else:
+            delta = torch.zeros_like(x0)
+        delta = (x0 + delta).clamp(0, 1) - x0
+        accumulated = torch.zeros_like(x0)
+        for _ in range(self.iterations):
+            grad = self.gradient(model, x0 + delta, ctx)
+            if self.momentum > 0:
+                scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+                accumulated = self.momentum * accumulated + grad / scale
+                direction = accumulated.sign()
+            else:
+                direction = grad.sign()
+            delta = (delta + self.step * direction).clamp(-self.eps, self.eps)
+            delta = (x0 + delta).clamp(0, 1) - x0
+        return x0 + delta

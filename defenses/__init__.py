@@ -1,0 +1,4 @@
+"""The catalog of defenses. Importing this package registers every defense in
+``reidbench.registry.DEFENSES``; add a module here and import it below to add one."""
+
+from . import baseline  # noqa: F401

@@ -1,0 +1,101 @@
+"""The defense contract.
+
+A defense is two optional things: a training recipe change (how a batch is prepared and
+which loss is minimised, always inside the one shared loop of ``reidbench.train``) and an
+inference-time input transform. Input transforms are ``nn.Module``s on images in [0, 1],
+differentiable where the maths allows, so a white-box attacker goes through them; a
+randomized one sets ``stochastic = True`` (the protocol then attacks it with EOT) and a
+non-differentiable one provides a BPDA surrogate (Athalye et al., ICML 2018).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .errors import ReIDBenchError
+from .registry import DEFENSES
+
+
+class Defense:
+    """Base class of every registered defense; the undefended baseline uses it as is."""
+
+    registry_name = "defense"
+    #: the inference transform draws randomness: white-box attacks need EOT
+    stochastic = False
+    #: the inference transform has no useful gradient: white-box attacks need BPDA
+    differentiable = True
+    #: datasets kinds the defense can train on ("image", "video", "cross-modality")
+    data_kinds: tuple[str, ...] = ("image",)
+
+    def __init__(self, **params):
+        self.params = params
+
+    # --- inference -----------------------------------------------------------------
+    def input_transform(self) -> Optional[nn.Module]:
+        """The transform applied to every query and gallery image before the model."""
+        return None
+
+    def bpda_surrogate(self) -> Optional[nn.Module]:
+        """A differentiable stand-in used in the backward pass when ``differentiable`` is False."""
+        return None
+
+    # --- training (called by reidbench.train.train_model) ----------------------------
+    def training_batch(self, model: nn.Module, images: torch.Tensor, pids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Replace or augment a training batch (adversarial examples, proactive transforms)."""
+        return images
+
+    def training_loss(self, model: nn.Module, images: torch.Tensor, pids: torch.Tensor, recipe) -> tuple[torch.Tensor, dict]:
+        """The loss minimised on a prepared batch; the default is the standard ReID loss."""
+        from .train.losses import reid_loss
+
+        return reid_loss(model, images, pids, recipe)
+
+    def check_dataset(self, split) -> None:
+        """Raise a ReIDBenchError when the defense cannot train on this dataset."""
+        kind = split.info.get("kind", "image")
+        if kind not in self.data_kinds:
+            raise ReIDBenchError(
+                f"defense '{self.registry_name}' trains on {', '.join(self.data_kinds)} data, "
+                f"but dataset '{split.name}' is {kind} data"
+            )
+
+    def describe(self) -> dict:
+        return {"name": self.registry_name, **self.params}
+
+
+class DefendedModel(nn.Module):
+    """``model ∘ transform``: what attacks and evaluation see. Images in [0, 1] in, embeddings out."""
+
+    def __init__(self, model: nn.Module, defense: Defense):
+        super().__init__()
+        self.model = model
+        self.defense = defense
+        self.transform = defense.input_transform()
+        self.input_size = getattr(model, "input_size", None)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.transform is not None and self.defense.stochastic
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform is not None:
+            x = self.transform(x)
+        return self.model(x)
+
+
+def build_defense(spec: dict | str) -> Defense:
+    """Instantiate a registered defense from ``{name: ..., **params}`` or a bare name."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if not name:
+        raise ReIDBenchError("a defense needs a 'name'")
+    cls = DEFENSES.get(name)
+    try:
+        return cls(**spec)
+    except TypeError as exc:
+        raise ReIDBenchError(f"defense '{name}': bad parameters {sorted(spec)}: {exc}") from None

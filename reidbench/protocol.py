@@ -1,0 +1,81 @@
+"""The evaluation protocol: a versioned, fixed YAML file shipped with the package.
+
+Attack budgets and metric settings are read from here and nowhere else, so a number in a
+table always means the same thing; results carry the protocol version and are never mixed
+across versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+import yaml
+
+from .errors import ReIDBenchError
+
+CURRENT_VERSION = "v1"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    version: str
+    raw: dict
+
+    @property
+    def eps(self) -> float:
+        return self.raw["perturbation"]["eps_255"] / 255.0
+
+    @property
+    def eps_secondary(self) -> float:
+        return self.raw["perturbation"]["eps_secondary_255"] / 255.0
+
+    @property
+    def step(self) -> float:
+        return self.raw["perturbation"]["step_255"] / 255.0
+
+    @property
+    def iterations(self) -> int:
+        return int(self.raw["perturbation"]["iterations"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.raw.get("seed", 0))
+
+    @property
+    def normalize(self) -> bool:
+        return bool(self.raw["features"]["normalize"])
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.raw["metrics"]["max_rank"])
+
+    @property
+    def ap(self) -> str:
+        return self.raw["metrics"]["ap"]
+
+    @property
+    def rerank(self) -> dict:
+        return dict(self.raw["metrics"]["rerank"])
+
+    def attacks(self, threat_model: str | None = None) -> list[str]:
+        groups = self.raw.get("attacks", {})
+        if threat_model is not None:
+            return list(groups.get(threat_model, []))
+        return [name for names in groups.values() for name in names]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_protocol(version: str = CURRENT_VERSION) -> Protocol:
+    try:
+        text = resources.files("reidbench.protocols").joinpath(f"{version}.yaml").read_text()
+    except (FileNotFoundError, OSError):
+        raise ReIDBenchError(f"unknown protocol version '{version}' (current: {CURRENT_VERSION})") from None
+    raw = yaml.safe_load(text)
+    if raw.get("version") != version:
+        raise ReIDBenchError(f"protocol file {version}.yaml declares version {raw.get('version')!r}")
+    return Protocol(version, raw)

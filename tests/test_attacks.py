@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from reidbench.attack import AttackContext, build_attack
+from reidbench.errors import ReIDBenchError
+from reidbench.features import embed, extract_features
+from reidbench.metrics import evaluate_rank, pairwise_distance
+from reidbench.registry import ATTACKS
+
+EPS, STEP, ITERS = 5 / 255, 1 / 255, 15
+
+
+def context(model, split):
+    size = tuple(model.input_size)
+    return AttackContext(
+        query_pids=split.query.pids, query_camids=split.query.camids,
+        query_feats=extract_features(model, split.query, size, progress=False),
+        gallery_feats=extract_features(model, split.gallery, size, progress=False),
+        gallery_pids=split.gallery.pids, gallery_camids=split.gallery.camids,
+    )
+
+
+def mean_ap(model, queries, ctx, split):
+    with torch.no_grad():
+        feats = embed(model, queries)
+    result = evaluate_rank(pairwise_distance(feats, ctx.gallery_feats), split.query.pids, split.gallery.pids,
+                           split.query.camids, split.gallery.camids)
+    return float(result.mAP)
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_model, tiny_split):
+    queries = tiny_split.query.load(None, tuple(tiny_model.input_size))
+    return tiny_model, tiny_split, queries, context(tiny_model, tiny_split)
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_white_box_attacks_stay_in_the_ball_are_seeded_and_lower_map(setting, name):
+    model, split, queries, ctx = setting
+    attack = build_attack(name, eps=EPS, step=STEP, iterations=ITERS, seed=0)
+    if attack.threat_model != "white-box":
+        pytest.skip("not a white-box attack")
+    adv = attack(model, queries, ctx)
+    assert adv.min() >= 0 and adv.max() <= 1
+    assert (adv - queries).abs().max() <= EPS + 1e-6
+    again = build_attack(name, eps=EPS, step=STEP, iterations=ITERS, seed=0)(model, queries, ctx)
+    assert torch.equal(adv, again)
+    clean, attacked = mean_ap(model, queries, ctx, split), mean_ap(model, adv, ctx, split)
+    assert attacked < 0.7 * clean, (clean, attacked)
+
+
+def test_gradients_reach_the_input_through_a_differentiable_transform(setting):
+    from reidbench.defense import DefendedModel, Defense
+
+    class Blur(Defense):
+        def input_transform(self):
+            return torch.nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+
+    model, split, queries, ctx = setting
+    defended = DefendedModel(model.model, Blur()).eval()
+    x = queries[:4].clone().requires_grad_(True)
+    embed(defended, x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("eps", [0.0, -0.1, 1.5])
+def test_eps_outside_the_unit_interval_is_refused(eps):
+    with pytest.raises(ReIDBenchError, match=r"eps must be in \(0, 1\]"):
+        build_attack("m-ifgsm", eps=eps, step=STEP, iterations=ITERS)
+
+
+def test_unknown_attack_suggests_the_closest():
+    with pytest.raises(ReIDBenchError, match="did you mean 'm-ifgsm'"):
+        build_attack("m-ifsgm", eps=EPS, step=STEP, iterations=ITERS)
