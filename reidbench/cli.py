@@ -1,0 +1,206 @@
+"""The ``reidbench`` command line. User mistakes end in one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import ReIDBenchError
+
+
+def _zoo(args):
+    from .zoo import load_zoo
+
+    return load_zoo(args.zoo)
+
+
+def _entries(args, zoo):
+    from .zoo import get_entry
+
+    if args.model:
+        return [get_entry(zoo, m) for m in args.model]
+    suites = set(args.suite)
+    entries = [e for e in zoo.values() if "all" in suites or suites & set(e.suite)]
+    if not entries:
+        raise ReIDBenchError(f"no zoo entry belongs to suite(s) {sorted(suites)}")
+    return entries
+
+
+def _runner(args, zoo):
+    from .runner import Runner
+
+    return Runner(zoo, results_root=Path(args.results), device=args.device, train_missing=not args.no_train,
+                  batch_size=args.batch_size, rerank=not args.no_rerank, force=args.force)
+
+
+def cmd_run(args) -> int:
+    from .leaderboard import render_site
+    from .progress import log
+    from .registry import ATTACKS
+
+    if not args.all and not args.model:
+        raise ReIDBenchError("say what to run: --all, or --model ID [--attack NAME]")
+    for name in args.attack or []:
+        ATTACKS.get(name)
+    zoo = _zoo(args)
+    entries = _entries(args, zoo)
+    runner = _runner(args, zoo)
+    attacks = args.attack or runner.protocol.attacks()
+    eps_values = [e / 255.0 for e in args.eps] if args.eps else None
+    if eps_values and any(not (0 < e <= 1) for e in eps_values):
+        raise ReIDBenchError(f"--eps is in 1/255 units and must lie in (0, 255], got {args.eps}")
+    runner.run(entries, attacks, eps_values)
+    index = render_site(Path(args.results), Path(args.site) if args.site else None, runner.protocol.version)
+    log(f"leaderboard: {index}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .data import build_dataset
+    from .hardware import resolve_device
+    from .progress import log
+    from .zoo import ZooEntry, get_entry, train_entry
+
+    zoo = _zoo(args)
+    if args.model:
+        entry = get_entry(zoo, args.model)
+    else:
+        if not (args.defense and args.dataset):
+            raise ReIDBenchError("say what to train: --model ID, or --defense NAME --dataset NAME")
+        from .registry import DATASETS, DEFENSES
+
+        DEFENSES.get(args.defense)
+        DATASETS.get(args.dataset)
+        matches = [e for e in zoo.values() if e.defense["name"] == args.defense and e.dataset_name == args.dataset
+                   and (args.backbone is None or e.backbone == args.backbone)]
+        if len(matches) >= 1 and args.backbone is None:
+            # Prefer the recipe written for this device class (the GPU entries carry "gpu" in their suite).
+            gpu = args.device.startswith("cuda")
+            matches.sort(key=lambda e: ("gpu" in e.suite) != gpu)
+        entry = matches[0] if matches else ZooEntry(
+            id=f"{args.backbone or 'resnet18'}-{args.dataset}-{args.defense}", backbone=args.backbone or "resnet18",
+            dataset={"name": args.dataset}, defense={"name": args.defense})
+    if args.epochs:
+        entry.recipe = {**entry.recipe, "epochs": args.epochs}
+    split = build_dataset(entry.dataset_name, **entry.dataset_options)
+    weights = train_entry(entry, split, device=resolve_device(args.device))
+    log(f"trained {entry.id}: {weights}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rich.table import Table
+
+    from .progress import console
+    from .runner import rank_metrics
+    from .metrics import k_reciprocal_rerank, pairwise_distance
+    from .zoo import get_entry
+
+    zoo = _zoo(args)
+    entry = get_entry(zoo, args.model)
+    runner = _runner(args, zoo)
+    dataset = {"name": args.dataset} if args.dataset else None
+    bundle = runner.bundle(entry, dataset)
+    feats = runner.clean_features(bundle)
+    q_g = pairwise_distance(feats["query"], feats["gallery"])
+    rows = [("plain", rank_metrics(q_g, bundle.split, runner.protocol)[0])]
+    if runner.rerank:
+        rr = k_reciprocal_rerank(q_g, pairwise_distance(feats["query"], feats["query"]), feats["g_g"], **runner.protocol.rerank)
+        rows.append(("re-ranked", rank_metrics(rr, bundle.split, runner.protocol)[0]))
+    table = Table(title=f"{entry.id} on {bundle.split.name} (split {bundle.split.split_hash})")
+    for column in ("distance", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"):
+        table.add_column(column, justify="right")
+    for label, m in rows:
+        table.add_row(label, *(f"{100 * m[k]:.1f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")))
+    console.print(table)
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .registry import ATTACKS, DATASETS, DEFENSES
+
+    if args.what == "models":
+        for entry in _zoo(args).values():
+            print(f"{entry.id}\t{entry.backbone}\t{entry.dataset_name}\t{entry.defense['name']}\t{','.join(entry.suite)}")
+        return 0
+    registry = {"datasets": DATASETS, "attacks": ATTACKS, "defenses": DEFENSES}[args.what]
+    for name in registry.names():
+        doc = (registry.get(name).__doc__ or "").strip().splitlines()
+        print(f"{name}\t{doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from .leaderboard import render_site
+    from .progress import log
+
+    log(f"leaderboard: {render_site(Path(args.results), Path(args.site) if args.site else None)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reidbench", description="Adversarial robustness benchmark for person re-identification")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, results=True):
+        p.add_argument("--zoo", default=None, help="model zoo file (default: the repository's model_zoo.yaml)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+        if results:
+            p.add_argument("--results", default="results", help="result store folder (default: ./results)")
+            p.add_argument("--batch-size", type=int, default=128)
+            p.add_argument("--no-rerank", action="store_true", help="skip k-reciprocal re-ranked metrics")
+            p.add_argument("--no-train", action="store_true", help="fail instead of training a model without weights")
+            p.add_argument("--force", action="store_true", help="recompute cells even when their inputs did not change")
+
+    run = sub.add_parser("run", help="run protocol cells and render the leaderboard")
+    run.add_argument("--all", action="store_true", help="every model of the chosen suite(s) against every protocol attack")
+    run.add_argument("--suite", nargs="+", default=["default"], help="zoo suites for --all (default: default; 'all' for every entry)")
+    run.add_argument("--model", nargs="+", help="zoo model id(s)")
+    run.add_argument("--attack", nargs="+", help="attack name(s) (default: the protocol's suite)")
+    run.add_argument("--eps", nargs="+", type=float, help="budget(s) in 1/255 units (default: the protocol's primary ε)")
+    run.add_argument("--site", default=None, help="where to render the leaderboard (default: leaderboard/site)")
+    common(run)
+    run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train a zoo model (or a defense on a dataset) with the shared loop")
+    train.add_argument("--model", help="zoo model id")
+    train.add_argument("--defense", help="defense name (with --dataset)")
+    train.add_argument("--dataset", help="dataset name (with --defense)")
+    train.add_argument("--backbone", default=None, help="timm backbone for an ad-hoc model")
+    train.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    common(train, results=False)
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="clean evaluation of a zoo model, on its own or another dataset")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--dataset", default=None, help="evaluate on this dataset instead (cross-dataset)")
+    common(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    ls = sub.add_parser("list", help="list registered datasets, models, attacks or defenses")
+    ls.add_argument("what", choices=["datasets", "models", "attacks", "defenses"])
+    ls.add_argument("--zoo", default=None)
+    ls.set_defaults(func=cmd_list)
+
+    render = sub.add_parser("render", help="render the leaderboard from the result store")
+    render.add_argument("--results", default="results")
+    render.add_argument("--site", default=None)
+    render.set_defaults(func=cmd_render)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ReIDBenchError as exc:
+        print(f"reidbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("reidbench: interrupted; finished cells and checkpoints are saved, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The model zoo: ``model_zoo.yaml`` entries, their schema, and where their weights come from.
+
+An entry declares a model completely (backbone, dataset, defense and its parameters,
+training recipe) and where its weights are: a local file, a Hugging Face Hub repo pinned to
+a revision and a sha256, or -- when neither is given -- the local cache, filled by training
+the entry's recipe with the shared training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from .errors import ReIDBenchError, unknown_name
+
+DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "model_zoo.yaml"
+
+# field -> (accepted types, required)
+_ENTRY_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "id": ((str,), True),
+    "backbone": ((str,), True),
+    "dataset": ((str, dict), True),
+    "defense": ((str, dict), False),
+    "model": ((dict,), False),
+    "recipe": ((dict,), False),
+    "weights": ((dict,), False),
+    "suite": ((list,), False),
+    "description": ((str,), False),
+}
+_WEIGHTS_FIELDS = {"path": (str,), "repo": (str,), "file": (str,), "revision": (str,), "sha256": (str,)}
+
+
+@dataclass
+class ZooEntry:
+    id: str
+    backbone: str
+    dataset: dict
+    defense: dict
+    model: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+    suite: list = field(default_factory=lambda: ["default"])
+    description: str = ""
+
+    @property
+    def dataset_name(self) -> str:
+        return self.dataset["name"]
+
+    @property
+    def dataset_options(self) -> dict:
+        return {k: v for k, v in self.dataset.items() if k != "name"}
+
+    def model_spec(self) -> dict:
+        return {"backbone": self.backbone, **self.model}
+
+    def recipe_key(self) -> str:
+        """Fingerprint of everything that decides the trained weights."""
+        blob = json.dumps(
+            {"backbone": self.backbone, "dataset": self.dataset, "defense": self.defense,
+             "model": self.model, "recipe": self.recipe}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    return " or ".join({str: "a string", dict: "a mapping", list: "a list"}.get(t, t.__name__) for t in types)
+
+
+def _check_entry(raw: Any, position: int, source: Path) -> ZooEntry:
+    where = f"{source.name}: entry {position + 1}"
+    if not isinstance(raw, dict):
+        raise ReIDBenchError(f"{where} must be a mapping, got {type(raw).__name__}")
+    if isinstance(raw.get("id"), str):
+        where = f"{source.name}: entry '{raw['id']}'"
+    for key in raw:
+        if key not in _ENTRY_FIELDS:
+            raise ReIDBenchError(f"{where}: unknown field '{key}' (known: {', '.join(_ENTRY_FIELDS)})")
+    for key, (types, required) in _ENTRY_FIELDS.items():
+        if key not in raw:
+            if required:
+                raise ReIDBenchError(f"{where}: missing required field '{key}'")
+            continue
+        if not isinstance(raw[key], types):
+            raise ReIDBenchError(f"{where}: field '{key}' must be {_type_names(types)}, got {type(raw[key]).__name__}")
+    dataset = raw["dataset"] if isinstance(raw["dataset"], dict) else {"name": raw["dataset"]}
+    defense = raw.get("defense", "none")
+    defense = defense if isinstance(defense, dict) else {"name": defense}
+    for key, spec in (("dataset", dataset), ("defense", defense)):
+        if not isinstance(spec.get("name"), str):
+            raise ReIDBenchError(f"{where}: field '{key}' needs a string 'name'")
+    weights = raw.get("weights", {})
+    for key, value in weights.items():
+        if key not in _WEIGHTS_FIELDS:
+            raise ReIDBenchError(f"{where}: unknown field 'weights.{key}' (known: {', '.join(_WEIGHTS_FIELDS)})")
+        if not isinstance(value, _WEIGHTS_FIELDS[key]):
+            raise ReIDBenchError(
+                f"{where}: field 'weights.{key}' must be a string, got {type(value).__name__} (quote it in the YAML)")
+    if "repo" in weights and not {"file", "revision", "sha256"} <= set(weights):
+        missing = sorted({"file", "revision", "sha256"} - set(weights))
+        raise ReIDBenchError(f"{where}: hub weights need a pinned {', '.join(missing)}")
+    suite = raw.get("suite", ["default"])
+    if not all(isinstance(s, str) for s in suite):
+        raise ReIDBenchError(f"{where}: field 'suite' must be a list of strings")
+    return ZooEntry(
+        id=raw["id"], backbone=raw["backbone"], dataset=dataset, defense=defense, model=dict(raw.get("model", {})),
+        recipe=dict(raw.get("recipe", {})), weights=dict(weights), suite=list(suite),
+        description=raw.get("description", ""),
+    )
+
+
+def load_zoo(path: Optional[str | Path] = None) -> dict[str, ZooEntry]:
+    """Parse and check a zoo file; any problem is one ReIDBenchError naming entry and field."""
+    path = Path(path) if path else DEFAULT_ZOO
+    if not path.is_file():
+        raise ReIDBenchError(f"model zoo file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ReIDBenchError(f"{path.name} is not valid YAML{at}: {problem}") from None
+    if isinstance(raw, dict) and "models" in raw:
+        raw = raw["models"]
+    if not isinstance(raw, list):
+        raise ReIDBenchError(f"{path.name} must be a list of model entries (or a mapping with 'models:')")
+    entries: dict[str, ZooEntry] = {}
+    for position, item in enumerate(raw):
+        entry = _check_entry(item, position, path)
+        if entry.id in entries:
+            raise ReIDBenchError(f"{path.name}: model id '{entry.id}' appears twice")
+        entries[entry.id] = entry
+    return entries
+
+
+def get_entry(zoo: dict[str, ZooEntry], model_id: str) -> ZooEntry:
+    if model_id not in zoo:
+        raise unknown_name("model", model_id, zoo)
+    return zoo[model_id]
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def trained_weights_dir(entry: ZooEntry) -> Path:
+    from .data import cache_dir
+
+    return cache_dir() / "weights" / f"{entry.id}-{entry.recipe_key()}"
+
+
+def download_hub_weights(entry: ZooEntry) -> Path:
+    """Fetch pinned weights through huggingface_hub (its cache first); verify the sha256
+    before anything is loaded."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    w = entry.weights
+    try:
+        path = Path(hf_hub_download(repo_id=w["repo"], filename=w["file"], revision=w["revision"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise ReIDBenchError(
+            f"cannot fetch weights of '{entry.id}' from the hub ({w['repo']}@{w['revision']}): {first[:160]}"
+        ) from None
+    actual = sha256_file(path)
+    if actual != w["sha256"].lower():
+        raise ReIDBenchError(f"weights of '{entry.id}' do not match their sha256 (expected {w['sha256'][:12]}…, got {actual[:12]}…)")
+    return path
+
+
+def existing_weights(entry: ZooEntry, zoo_dir: Path = DEFAULT_ZOO.parent) -> Optional[Path]:
+    """The weights file of an entry if it can be had without training, else None."""
+    if "path" in entry.weights:
+        path = Path(entry.weights["path"]).expanduser()
+        path = path if path.is_absolute() else zoo_dir / path
+        if not path.is_file():
+            raise ReIDBenchError(f"weights of '{entry.id}' not found at {path}")
+        if "sha256" in entry.weights and sha256_file(path) != entry.weights["sha256"].lower():
+            raise ReIDBenchError(f"weights of '{entry.id}' at {path} do not match their sha256")
+        return path
+    if "repo" in entry.weights:
+        return download_hub_weights(entry)
+    trained = trained_weights_dir(entry) / "model.safetensors"
+    return trained if trained.is_file() else None
+
+
+def load_weights(model: torch.nn.Module, path: Path, entry_id: str) -> None:
+    """Load embedding weights (the training-time classifier is not part of the deployed model)."""
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("classifier.")]
+    if missing or unexpected:
+        raise ReIDBenchError(
+            f"weights {path.name} do not fit model '{entry_id}' "
+            f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]}): "
+            "the checkpoint's recipe does not match its zoo entry"
+        )
+
+
+def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = True) -> Path:
+    """Train an entry's recipe on its dataset with the shared loop; returns the weights file."""
+    from .defense import build_defense
+    from .models import build_model
+    from .train import Recipe, train_model
+
+    defense = build_defense(entry.defense)
+    defense.check_dataset(split)
+    recipe = Recipe.from_dict(entry.recipe)
+    torch.manual_seed(recipe.seed)
+    model = build_model(entry.model_spec(), num_classes=split.num_train_ids)
+    result = train_model(
+        model, split.train, recipe, trained_weights_dir(entry), defense=defense, device=device, progress=progress,
+        run_key={"entry": entry.id, "recipe_key": entry.recipe_key(), "split_hash": split.split_hash,
+                 "defense": entry.defense, "dataset": entry.dataset},
+    )
+    return result.weights
+
+
+def obtain_weights(entry: ZooEntry, split, train_missing: bool = True, device: str = "cpu", progress: bool = True) -> Path:
+    path = existing_weights(entry)
+    if path is not None:
+        return path
+    if not train_missing:
+        raise ReIDBenchError(f"no weights for '{entry.id}' yet; run `reidbench train --model {entry.id}` or pass --train-missing")
+    return train_entry(entry, split, device=device, progress=progress)

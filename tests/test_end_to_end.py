@@ -1,0 +1,50 @@
+import json
+import time
+
+from reidbench.cli import main
+from reidbench.leaderboard import render_site
+from reidbench.results import read_per_query
+
+
+def test_run_all_writes_cells_skips_unchanged_ones_and_renders(tiny_zoo_file, tiny_model, tmp_path):
+    results, site = tmp_path / "results", tmp_path / "site"
+    argv = ["run", "--all", "--zoo", str(tiny_zoo_file), "--results", str(results), "--site", str(site), "--device", "cpu"]
+    assert main(argv) == 0
+    cells = sorted(results.rglob("*.json"))
+    assert [c.relative_to(results).as_posix() for c in cells] == ["v1/synthetic/tiny-none/m-ifgsm-eps5.json"]
+    record = json.loads(cells[0].read_text())
+    for key in ("input_key", "protocol", "model", "dataset", "attack", "threat_model", "clean", "attacked",
+                "clean_reranked", "attacked_reranked", "perturbation", "seed", "environment", "wall_time_s", "sanity_flags"):
+        assert key in record, key
+    assert record["model"]["weights_sha256"] and record["dataset"]["split_hash"]
+    assert record["perturbation"]["linf_max"] <= 5 / 255 + 1e-6
+    assert record["attacked"]["mAP"] < record["clean"]["mAP"]
+    per_query = read_per_query(cells[0])
+    assert per_query["clean_ap"].shape == per_query["attacked_ap"].shape == (record["dataset"]["num_query"],)
+    html = (site / "index.html").read_text()
+    assert "tiny-none" in html and "m-ifgsm-eps5" in html
+
+    before = cells[0].stat().st_mtime_ns
+    started = time.time()
+    assert main(argv) == 0
+    assert cells[0].stat().st_mtime_ns == before, "an unchanged cell was recomputed"
+    assert time.time() - started < 30
+
+
+def test_leaderboard_is_a_pure_function_and_escapes_html(tmp_path):
+    record = {
+        "attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "protocol": {"version": "v1"},
+        "model": {"id": "<script>alert(1)</script>", "backbone": "resnet18", "defense": {"name": "none"}},
+        "dataset": {"name": "synthetic", "split_hash": "abc"}, "attack": {"name": "m-ifgsm"},
+        "clean": {"rank1": 0.9, "mAP": 0.8}, "attacked": {"rank1": 0.1, "mAP": 0.05, "mINP": 0.01},
+        "sanity_flags": [],
+    }
+    folder = tmp_path / "results" / "v1" / "synthetic" / "x"
+    folder.mkdir(parents=True)
+    (folder / "m-ifgsm-eps5.json").write_text(json.dumps(record))
+    (folder / "broken.json").write_text("{not json")
+    first = render_site(tmp_path / "results", tmp_path / "a").read_bytes()
+    second = render_site(tmp_path / "results", tmp_path / "b").read_bytes()
+    assert first == second
+    assert b"<script>alert(1)</script>" not in first and b"&lt;script&gt;" in first
+    assert b"90.0" in first and b"5.0" in first

@@ -1,0 +1,117 @@
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from reidbench.errors import ReIDBenchError
+from reidbench.models import build_model
+from reidbench.zoo import DEFAULT_ZOO, existing_weights, load_weights, load_zoo
+
+GOOD = """
+- id: m1
+  backbone: resnet18
+  dataset: {name: synthetic, preset: tiny}
+  defense: {name: none}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "zoo.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_zoo_is_valid_and_has_a_default_suite():
+    zoo = load_zoo(DEFAULT_ZOO)
+    assert any("default" in e.suite for e in zoo.values())
+
+
+def test_a_minimal_entry_gets_defaults(tmp_path):
+    entry = load_zoo(write(tmp_path, GOOD))["m1"]
+    assert entry.suite == ["default"] and entry.defense == {"name": "none"} and entry.dataset_name == "synthetic"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- id: m1\n  backbone: [oops\n", "not valid YAML at line"),
+    ("id: m1\n", "must be a list of model entries"),
+    (GOOD + "  colour: red\n", "entry 'm1': unknown field 'colour'"),
+    (GOOD.replace("backbone: resnet18", "backbone: 18"), "entry 'm1': field 'backbone' must be a string"),
+    (GOOD.replace("  backbone: resnet18\n", ""), "entry 'm1': missing required field 'backbone'"),
+    (GOOD + GOOD, "model id 'm1' appears twice"),
+    (GOOD + "  weights: {repo: org/x, file: m.safetensors, sha256: abc}\n", "pinned revision"),
+    (GOOD + "  weights: {url: http://x}\n", "unknown field 'weights.url'"),
+    (GOOD.replace("dataset: {name: synthetic, preset: tiny}", "dataset: {preset: tiny}"), "'dataset' needs a string 'name'"),
+])
+def test_malformed_zoo_files_name_the_entry_and_field(tmp_path, text, message):
+    with pytest.raises(ReIDBenchError) as info:
+        load_zoo(write(tmp_path, text))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_zoo_file(tmp_path):
+    with pytest.raises(ReIDBenchError, match="not found"):
+        load_zoo(tmp_path / "nope.yaml")
+
+
+def _weights(tmp_path):
+    model = build_model({"backbone": "resnet18"})
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model, path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_local_weights_are_hash_checked(tmp_path):
+    _, path, digest = _weights(tmp_path)
+    ok = load_zoo(write(tmp_path, GOOD + f"  weights: {{path: {path}, sha256: {digest}}}\n"))["m1"]
+    assert existing_weights(ok) == path
+    bad = load_zoo(write(tmp_path, GOOD + f"  weights: {{path: {path}, sha256: '{'0' * 64}'}}\n"))["m1"]
+    with pytest.raises(ReIDBenchError, match="do not match their sha256"):
+        existing_weights(bad)
+
+
+def test_hub_weights_come_from_the_hub_cache_and_are_hash_checked(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _, path, digest = _weights(tmp_path)
+    calls = []
+
+    def fake_download(repo_id, filename, revision):
+        calls.append((repo_id, filename, revision))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    entry_text = GOOD + f"  weights: {{repo: org/m1, file: w.safetensors, revision: abc123, sha256: {digest}}}\n"
+    assert existing_weights(load_zoo(write(tmp_path, entry_text))["m1"]) == path
+    assert calls == [("org/m1", "w.safetensors", "abc123")]
+    wrong = entry_text.replace(digest, "f" * 64)
+    with pytest.raises(ReIDBenchError, match="do not match their sha256"):
+        existing_weights(load_zoo(write(tmp_path, wrong))["m1"])
+
+
+def test_unreachable_hub_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(**_):
+        raise LocalEntryNotFoundError("cannot reach the hub and the file is not in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    entry = load_zoo(write(tmp_path, GOOD + "  weights: {repo: org/m1, file: w.safetensors, revision: abc, sha256: ab}\n"))["m1"]
+    with pytest.raises(ReIDBenchError, match="cannot fetch weights of 'm1' from the hub"):
+        existing_weights(entry)
+
+
+def test_a_checkpoint_that_does_not_fit_its_entry(tmp_path):
+    _, path, _ = _weights(tmp_path)
+    with pytest.raises(ReIDBenchError, match="recipe does not match its zoo entry"):
+        load_weights(build_model({"backbone": "resnet34"}), path, "m1")
+
+
+def test_torch_checkpoints_load_with_weights_only(tmp_path):
+    model = build_model({"backbone": "resnet18"})
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": model.state_dict()}, path)
+    fresh = build_model({"backbone": "resnet18"})
+    load_weights(fresh, path, "m1")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
