@@ -66,15 +66,36 @@ class Defense:
         return {"name": self.registry_name, **self.params}
 
 
+class StraightThrough(nn.Module):
+    """Forward: ``transform(x)``; backward: the gradient of ``surrogate(x)`` (identity if None)."""
+
+    def __init__(self, transform: nn.Module, surrogate: Optional[nn.Module] = None):
+        super().__init__()
+        self.transform, self.surrogate = transform, surrogate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        approx = self.surrogate(x) if self.surrogate is not None else x
+        with torch.no_grad():
+            exact = self.transform(x)
+        return approx + (exact - approx).detach()
+
+
 class DefendedModel(nn.Module):
     """``model ∘ transform``: what attacks and evaluation see. Images in [0, 1] in, embeddings out."""
 
-    def __init__(self, model: nn.Module, defense: Defense):
+    def __init__(self, model: nn.Module, defense: Defense, transform: Optional[nn.Module] = None):
         super().__init__()
         self.model = model
         self.defense = defense
-        self.transform = defense.input_transform()
+        self.transform = transform if transform is not None else defense.input_transform()
         self.input_size = getattr(model, "input_size", None)
+
+    def with_bpda(self) -> "DefendedModel":
+        """The same model whose transform runs forward as is but back-propagates through the
+        defense's BPDA surrogate (identity when it names none): Athalye et al., ICML 2018."""
+        if self.transform is None:
+            return self
+        return DefendedModel(self.model, self.defense, StraightThrough(self.transform, self.defense.bpda_surrogate()))
 
     @property
     def stochastic(self) -> bool:

@@ -60,6 +60,26 @@ class Protocol:
     def rerank(self) -> dict:
         return dict(self.raw["metrics"]["rerank"])
 
+    @property
+    def eot_samples(self) -> int:
+        return int(self.raw.get("adaptive", {}).get("eot_samples", 1))
+
+    @property
+    def bpda(self) -> bool:
+        return bool(self.raw.get("adaptive", {}).get("bpda", False))
+
+    @property
+    def zero_gradient_flag(self) -> float:
+        return float(self.raw.get("sanity", {}).get("zero_gradient_share", 0.5))
+
+    def surrogate(self, dataset: str) -> str:
+        surrogates = self.raw.get("transfer", {}).get("surrogates", {})
+        if dataset not in surrogates:
+            raise ReIDBenchError(
+                f"protocol {self.version} fixes no transfer surrogate for dataset '{dataset}' "
+                f"(it has: {', '.join(sorted(surrogates)) or 'none'})")
+        return surrogates[dataset]
+
     def attacks(self, threat_model: str | None = None) -> list[str]:
         groups = self.raw.get("attacks", {})
         if threat_model is not None:

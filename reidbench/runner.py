@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .attack import Attack, AttackContext, build_attack
+from .attack import Attack, AttackContext, RankOracle, SurrogateView, TrainView, build_attack
 from .data import build_dataset
 from .data.split import ReIDSplit
 from .defense import DefendedModel, build_defense
@@ -124,21 +124,50 @@ class Runner:
         return bundle.features
 
     # --- one cell ------------------------------------------------------------------------
-    def make_attack(self, name: str, eps: float) -> Attack:
+    def make_attack(self, name: str, eps: float, bundle: Optional[ModelBundle] = None) -> Attack:
+        """An attack with the protocol's budget; against a stochastic defense, iterative
+        white-box attacks average their gradients over the protocol's EOT draws."""
         p = self.protocol
-        return build_attack(name, eps=eps, step=p.step, iterations=p.iterations, seed=p.seed)
+        attack = build_attack(name, eps=eps, step=p.step, iterations=p.iterations, seed=p.seed)
+        if (bundle is not None and bundle.model.stochastic and attack.threat_model == "white-box"
+                and hasattr(attack, "eot_samples")):
+            attack.eot_samples = max(attack.eot_samples, p.eot_samples)
+        return attack
+
+    def attacked_model(self, bundle: ModelBundle, attack: Attack) -> torch.nn.Module:
+        """What a white-box attacker differentiates: the defended model itself, or its BPDA
+        version when the defense's input transform has no useful gradient."""
+        if attack.threat_model == "white-box" and bundle.model.transform is not None \
+                and not bundle.model.defense.differentiable and self.protocol.bpda:
+            return bundle.model.with_bpda()
+        return bundle.model
 
     def input_key(self, bundle: ModelBundle, attack: Attack) -> str:
         blob = {"protocol": self.protocol.fingerprint(), "model": bundle.entry.id, "weights": bundle.weights_sha256,
                 "defense": bundle.entry.defense, "split": bundle.split.split_hash, "attack": attack.describe(),
                 "rerank": self.rerank, "engine": __version__}
+        if "surrogate" in attack.needs:
+            blob["surrogate"] = self.surrogate_bundle(bundle).weights_sha256
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
-    def run_cell(self, entry: ZooEntry, attack_name: str, eps: Optional[float] = None, dataset: Optional[dict] = None) -> Path:
+    def surrogate_bundle(self, bundle: ModelBundle) -> ModelBundle:
+        """The protocol's fixed surrogate for the dataset, evaluated on the same split."""
+        surrogate_id = self.protocol.surrogate(bundle.split.name)
+        if surrogate_id not in self.zoo:
+            raise ReIDBenchError(
+                f"protocol {self.protocol.version} names surrogate '{surrogate_id}' for dataset "
+                f"'{bundle.split.name}', but the zoo has no such model")
+        return self.bundle(self.zoo[surrogate_id], bundle.entry.dataset if bundle.split.name == bundle.entry.dataset_name
+                           else {"name": bundle.split.name})
+
+    def run_cell(self, entry: ZooEntry, attack_name: str, eps: Optional[float] = None, dataset: Optional[dict] = None) -> Optional[Path]:
+        """Run (or reuse) one cell. Returns None for a transfer cell whose target is the surrogate itself."""
         eps = self.protocol.eps if eps is None else eps
-        attack = self.make_attack(attack_name, eps)
         bundle = self.bundle(entry, dataset)
+        attack = self.make_attack(attack_name, eps, bundle)
         split = bundle.split
+        if "surrogate" in attack.needs and self.protocol.surrogate(split.name) == entry.id:
+            return None  # a transfer attack from a model onto itself is the white-box attack
         path = cell_path(self.results_root, self.protocol.version, split.name, entry.id, attack_id(attack_name, eps))
         key = self.input_key(bundle, attack)
         if not self.force and path.exists():
@@ -147,61 +176,99 @@ class Runner:
                 return path
         started = time.time()
         feats = self.clean_features(bundle)
-        adv_feats, linf, l2 = self.attack_queries(bundle, attack)
-        record, per_query = self.score(bundle, feats, adv_feats)
+        if attack.perturbs == "gallery":
+            adv_feats, linf, l2, zero_share = self.attack_images(bundle, attack, side="gallery")
+            record, per_query = self.score(bundle, feats, feats["query"], adv_feats)
+        else:
+            adv_feats, linf, l2, zero_share = self.attack_images(bundle, attack, side="query")
+            record, per_query = self.score(bundle, feats, adv_feats, feats["gallery"])
         record.update({
             "schema": 1, "input_key": key, "attack_id": attack_id(attack_name, eps),
             "protocol": {"version": self.protocol.version, "fingerprint": self.protocol.fingerprint()},
             "model": {"id": entry.id, "backbone": entry.backbone, "defense": entry.defense,
                       "weights_sha256": bundle.weights_sha256, "recipe": entry.recipe, "model": entry.model,
-                      "train_dataset": entry.dataset},
+                      "train_dataset": entry.dataset, "stochastic": bundle.model.stochastic,
+                      "differentiable": bundle.model.defense.differentiable},
             "dataset": {"name": split.name, "split_hash": split.split_hash, "num_query": len(split.query),
                         "num_gallery": len(split.gallery), "image_size": list(split.image_size)},
-            "attack": attack.describe(), "threat_model": attack.threat_model,
-            "perturbation": {"linf_max": linf, "l2_mean": l2},
+            "attack": attack.describe(), "threat_model": attack.threat_model, "perturbed": attack.perturbs,
+            "perturbation": {"linf_max": linf, "l2_mean": l2, "eps": eps},
+            "zero_gradient_share": zero_share,
             "seed": self.protocol.seed, "device": self.device, "environment": environment(),
             "wall_time_s": round(time.time() - started, 3),
         })
+        if "surrogate" in attack.needs:
+            record["surrogate"] = {"id": self.protocol.surrogate(split.name),
+                                   "weights_sha256": self.surrogate_bundle(bundle).weights_sha256}
         record["sanity_flags"] = self.sanity_flags(bundle, record)
         write_cell(path, record, per_query)
         return path
 
-    def attack_queries(self, bundle: ModelBundle, attack: Attack) -> tuple[torch.Tensor, float, float]:
-        split, feats, model = bundle.split, bundle.features, bundle.model
-        size = tuple(model.input_size)
+    def attack_context(self, bundle: ModelBundle, attack: Attack, side: str) -> AttackContext:
+        split, feats = bundle.split, bundle.features
+        # Perturbing the gallery swaps the roles: the attacked images are gallery images and
+        # their guides are the clean queries (Bai et al.'s original setting).
+        own, other = ("query", "gallery") if side == "query" else ("gallery", "query")
         ctx = AttackContext(
-            query_pids=split.query.pids, query_camids=split.query.camids, query_feats=feats["query"],
-            gallery_feats=feats["gallery"], gallery_pids=split.gallery.pids, gallery_camids=split.gallery.camids,
+            query_pids=getattr(split, own).pids, query_camids=getattr(split, own).camids, query_feats=feats[own],
+            gallery_feats=feats[other], gallery_pids=getattr(split, other).pids,
+            gallery_camids=getattr(split, other).camids,
         )
-        out, linf, l2sum = [], 0.0, 0.0
-        n = len(split.query)
+        if "surrogate" in attack.needs:
+            sur = self.surrogate_bundle(bundle)
+            sur_feats = self.clean_features(sur)
+            ctx.surrogate = SurrogateView(sur.entry.id, sur.model, sur_feats[own], sur_feats[other])
+        if "train" in attack.needs:
+            # A learned attack studies the training split of the model it has access to.
+            source = self.surrogate_bundle(bundle) if "surrogate" in attack.needs else bundle
+            ctx.train = TrainView(self.split_for(source.entry.dataset, tuple(source.model.input_size)).train,
+                                  tuple(source.model.input_size))
+        return ctx
+
+    def attack_images(self, bundle: ModelBundle, attack: Attack, side: str = "query"):
+        """Adversarial features of one side (query or gallery), its perturbation sizes and
+        the share of exactly-zero input gradients on the first batch (a masking smell)."""
+        split, model = bundle.split, bundle.model
+        subset = getattr(split, side)
+        size = tuple(model.input_size)
+        ctx = self.attack_context(bundle, attack, side)
+        target = self.attacked_model(bundle, attack)
+        q = self.protocol.raw.get("query_based", {})
+        out, linf, l2sum, zero_share = [], 0.0, 0.0, None
+        n = len(subset)
         with progress_bar(enabled=self.progress) as bar:
             task = bar.add_task(f"{bundle.entry.id}: {attack.registry_name}", total=n)
             for start in range(0, n, self.batch_size):
                 index = torch.arange(start, min(start + self.batch_size, n))
-                queries = split.query.load(index, size).to(self.device)
+                images = subset.load(index, size).to(self.device)
                 batch_ctx = ctx.batch(index)
                 # One generator per batch, seeded from its position: results do not depend on batch order.
                 batch_ctx.generator = torch.Generator().manual_seed(attack.seed * 1_000_003 + start)
-                adv = attack(model, queries, batch_ctx)
-                delta = (adv - queries).flatten(1)
+                if "oracle" in attack.needs:
+                    batch_ctx.oracle = RankOracle(model, ctx.gallery_feats, q.get("top_k", 10), q.get("budget", 500),
+                                                  len(index), self.protocol.normalize)
+                if zero_share is None and attack.threat_model == "white-box":
+                    zero_share = input_gradient_zero_share(target, images, batch_ctx, self.protocol.normalize)
+                adv = attack(target, images, batch_ctx)
+                delta = (adv - images).flatten(1)
                 linf = max(linf, float(delta.abs().max()))
                 l2sum += float(delta.norm(dim=1).sum())
                 with torch.no_grad():
                     out.append(embed(model, adv, self.protocol.normalize).cpu())
                 bar.update(task, advance=len(index))
-        return torch.cat(out), linf, l2sum / max(n, 1)
+        return torch.cat(out), linf, l2sum / max(n, 1), zero_share
 
-    def score(self, bundle: ModelBundle, feats: dict, adv_feats: torch.Tensor) -> tuple[dict, dict]:
+    def score(self, bundle: ModelBundle, feats: dict, q: torch.Tensor, g: torch.Tensor) -> tuple[dict, dict]:
         split = bundle.split
         record, per_query = {}, {}
-        for label, q in (("clean", feats["query"]), ("attacked", adv_feats)):
-            q_g = pairwise_distance(q, feats["gallery"])
+        for label, (qf, gf) in (("clean", (feats["query"], feats["gallery"])), ("attacked", (q, g))):
+            q_g = pairwise_distance(qf, gf)
             record[label], result = rank_metrics(q_g, split, self.protocol)
             per_query[f"{label}_ap"] = np.asarray(result.per_query_ap, dtype=np.float32)
             per_query[f"{label}_first_hit"] = np.asarray(result.per_query_first_hit, dtype=np.int32)
             if self.rerank:
-                reranked = k_reciprocal_rerank(q_g, pairwise_distance(q, q), feats["g_g"], **self.protocol.rerank)
+                g_g = feats["g_g"] if gf is feats["gallery"] else pairwise_distance(gf, gf)
+                reranked = k_reciprocal_rerank(q_g, pairwise_distance(qf, qf), g_g, **self.protocol.rerank)
                 record[f"{label}_reranked"], _ = rank_metrics(reranked, split, self.protocol)
         per_query["query_pids"] = split.query.pids.numpy().astype(np.int64)
         record["conventions"] = {"ap": self.protocol.ap, "distance": "euclidean", "normalized": self.protocol.normalize,
@@ -209,27 +276,43 @@ class Runner:
         return record, per_query
 
     def sanity_flags(self, bundle: ModelBundle, record: dict) -> list[str]:
-        """Signs that a number should not be trusted (in the spirit of AutoAttack's checks)."""
+        """Per-cell signs that a number should not be trusted (in the spirit of AutoAttack's
+        checks); the cross-cell ones (transfer beating white-box) are raised by the leaderboard."""
         flags = []
         if record["attacked"]["mAP"] > record["clean"]["mAP"] + 1e-6:
             flags.append("attack-improved-metric")
+        if (record.get("zero_gradient_share") or 0.0) > self.protocol.zero_gradient_flag:
+            flags.append("zero-input-gradients")
         probe = bundle.split.query.load(torch.arange(min(8, len(bundle.split.query))), tuple(bundle.model.input_size))
         with torch.no_grad():
             a = embed(bundle.model, probe.to(self.device))
             b = embed(bundle.model, probe.to(self.device))
-        if not torch.allclose(a, b, atol=1e-5) and not bundle.model.stochastic:
-            flags.append("nondeterministic-embeddings")
+        if not torch.allclose(a, b, atol=1e-5):
+            # Expected for a declared-stochastic defense (EOT is then applied), a red flag otherwise.
+            flags.append("stochastic-embeddings" if bundle.model.stochastic else "nondeterministic-embeddings")
         return flags
 
     # --- the grid ------------------------------------------------------------------------
     def run(self, entries: list[ZooEntry], attacks: list[str], eps_values: Optional[list[float]] = None) -> list[Path]:
         eps_values = eps_values or [self.protocol.eps]
         for name in attacks:  # fail on a bad name before any work is done
-            self.make_attack(name, eps_values[0])
+            build_attack(name, eps=eps_values[0], step=self.protocol.step, iterations=self.protocol.iterations)
         paths = []
         for entry in entries:
             for name in attacks:
                 for eps in eps_values:
-                    paths.append(self.run_cell(entry, name, eps))
-                    log(f"[green]✓[/] {entry.id} × {attack_id(name, eps)}")
+                    path = self.run_cell(entry, name, eps)
+                    if path is not None:
+                        paths.append(path)
+                        log(f"[green]✓[/] {entry.id} × {attack_id(name, eps)}")
         return paths
+
+
+def input_gradient_zero_share(model: torch.nn.Module, images: torch.Tensor, ctx: AttackContext, normalize: bool) -> float:
+    """Share of input-gradient entries that are exactly zero for a generic feature-space loss
+    (distance to the clean features): near 1 means gradients are masked, not absent."""
+    x = images.detach().clone().requires_grad_(True)
+    feats = embed(model, x, normalize)
+    loss = (feats - ctx.query_feats.to(feats.device)).pow(2).sum() + feats.sum() * 1e-3
+    (grad,) = torch.autograd.grad(loss, x)
+    return float((grad == 0).float().mean())

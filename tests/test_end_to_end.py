@@ -8,7 +8,8 @@ from reidbench.results import read_per_query
 
 def test_run_all_writes_cells_skips_unchanged_ones_and_renders(tiny_zoo_file, tiny_model, tmp_path):
     results, site = tmp_path / "results", tmp_path / "site"
-    argv = ["run", "--all", "--zoo", str(tiny_zoo_file), "--results", str(results), "--site", str(site), "--device", "cpu"]
+    argv = ["run", "--all", "--zoo", str(tiny_zoo_file), "--results", str(results), "--site", str(site), "--device", "cpu",
+            "--attack", "m-ifgsm"]
     assert main(argv) == 0
     cells = sorted(results.rglob("*.json"))
     assert [c.relative_to(results).as_posix() for c in cells] == ["v1/synthetic/tiny-none/m-ifgsm-eps5.json"]
