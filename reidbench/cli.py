@@ -99,6 +99,8 @@ def cmd_eval(args) -> int:
 
     zoo = _zoo(args)
     entry = get_entry(zoo, args.model)
+    if args.weights:  # e.g. a checkpoint of an unfinished run: last.safetensors
+        entry.weights = {"path": str(Path(args.weights).resolve())}
     runner = _runner(args, zoo)
     dataset = {"name": args.dataset} if args.dataset else None
     bundle = runner.bundle(entry, dataset)
@@ -175,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="clean evaluation of a zoo model, on its own or another dataset")
     ev.add_argument("--model", required=True)
     ev.add_argument("--dataset", default=None, help="evaluate on this dataset instead (cross-dataset)")
+    ev.add_argument("--weights", default=None, help="evaluate this weights file instead of the entry's")
     common(ev)
     ev.set_defaults(func=cmd_eval)
 

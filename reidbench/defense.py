@@ -66,18 +66,23 @@ class Defense:
         return {"name": self.registry_name, **self.params}
 
 
-class StraightThrough(nn.Module):
-    """Forward: ``transform(x)``; backward: the gradient of ``surrogate(x)`` (identity if None)."""
+class BPDA(nn.Module):
+    """A transform whose backward pass is a differentiable surrogate's (Athalye et al., ICML
+    2018, §4.1). Forward: ``transform(x)``, exactly; backward: the gradient of ``surrogate(x)``
+    (identity when None: the straight-through estimator, the paper's choice for transforms with
+    ``t(x) ≈ x`` such as quantisation or JPEG). Written ``t(x) + (s(x) - s(x).detach())`` so
+    the forward value is bit-exact ``t(x)``; the transform runs without autograd."""
 
     def __init__(self, transform: nn.Module, surrogate: Optional[nn.Module] = None):
         super().__init__()
-        self.transform, self.surrogate = transform, surrogate
+        self.transform = transform
+        self.surrogate = surrogate if surrogate is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        approx = self.surrogate(x) if self.surrogate is not None else x
         with torch.no_grad():
-            exact = self.transform(x)
-        return approx + (exact - approx).detach()
+            y = self.transform(x)
+        s = self.surrogate(x)
+        return y + (s - s.detach())
 
 
 class DefendedModel(nn.Module):
@@ -95,7 +100,7 @@ class DefendedModel(nn.Module):
         defense's BPDA surrogate (identity when it names none): Athalye et al., ICML 2018."""
         if self.transform is None:
             return self
-        return DefendedModel(self.model, self.defense, StraightThrough(self.transform, self.defense.bpda_surrogate()))
+        return DefendedModel(self.model, self.defense, BPDA(self.transform, self.defense.bpda_surrogate()))
 
     @property
     def stochastic(self) -> bool:
