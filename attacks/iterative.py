@@ -7,10 +7,22 @@ steps, gradient normalisation for momentum, EOT averaging -- is written once her
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from reidbench.attack import Attack, AttackContext
 from reidbench.features import embed
+
+
+def private_view(ctx: AttackContext) -> AttackContext:
+    """The context an attack works on: its own ``extra`` and a copy of the generator in its
+    current state. Random draws (start point, guides) still come from ``ctx.generator`` but do
+    not advance the caller's, so the same context gives the same output however often the
+    attack is called (the runner seeds one generator per batch anyway)."""
+    generator = torch.Generator(device=ctx.generator.device)
+    generator.set_state(ctx.generator.get_state())
+    return dataclasses.replace(ctx, generator=generator, extra=dict(ctx.extra))
 
 
 class IterativeMetricAttack(Attack):
@@ -42,6 +54,11 @@ class IterativeMetricAttack(Attack):
         """Hook to compute guides once before the loop."""
         return ctx
 
+    def begin_iteration(self, model, queries: torch.Tensor, ctx: AttackContext, iteration: int) -> AttackContext:
+        """Hook called at the start of every iteration, before its gradient, with the clean
+        ``queries``: attacks whose guides are re-drawn at each step (LTA) refresh them here."""
+        return ctx
+
     def gradient(self, model, x: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
         grad = torch.zeros_like(x)
         for _ in range(self.eot_samples):
@@ -52,7 +69,7 @@ class IterativeMetricAttack(Attack):
 
     def perturb(self, model, queries: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
         model.eval()
-        ctx = self.prepare(model, queries, ctx)
+        ctx = self.prepare(model, queries, private_view(ctx))
         x0 = queries.detach()
         if self.random_start:
             noise = torch.rand(x0.shape, generator=ctx.generator).to(x0.device)
@@ -61,7 +78,8 @@ class IterativeMetricAttack(Attack):
             delta = torch.zeros_like(x0)
         delta = (x0 + delta).clamp(0, 1) - x0
         accumulated = torch.zeros_like(x0)
-        for _ in range(self.iterations):
+        for iteration in range(self.iterations):
+            ctx = self.begin_iteration(model, x0, ctx, iteration)
             grad = self.gradient(model, x0 + delta, ctx)
             if self.momentum > 0:
                 scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)

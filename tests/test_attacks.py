@@ -1,13 +1,19 @@
 import pytest
 import torch
 
-from reidbench.attack import AttackContext, build_attack
+from reidbench.attack import AttackContext, TrainView, build_attack
 from reidbench.errors import ReIDBenchError
 from reidbench.features import embed, extract_features
 from reidbench.metrics import evaluate_rank, pairwise_distance
 from reidbench.registry import ATTACKS
 
 EPS, STEP, ITERS = 5 / 255, 1 / 255, 15
+
+
+# Attacks that use no identity label can at best push a query to chance level, and the
+# tiny baseline (trained for seconds) is not far above chance: for them the fast test checks
+# the feature moved far from the clean one; the slow test checks mAP on the real default.
+IDENTITY_FREE = {"sma", "odfa", "lta"}
 
 
 def context(model, split):
@@ -17,6 +23,7 @@ def context(model, split):
         query_feats=extract_features(model, split.query, size, progress=False),
         gallery_feats=extract_features(model, split.gallery, size, progress=False),
         gallery_pids=split.gallery.pids, gallery_camids=split.gallery.camids,
+        train=TrainView(split.train, size),
     )
 
 
@@ -45,8 +52,13 @@ def test_white_box_attacks_stay_in_the_ball_are_seeded_and_lower_map(setting, na
     assert (adv - queries).abs().max() <= EPS + 1e-6
     again = build_attack(name, eps=EPS, step=STEP, iterations=ITERS, seed=0)(model, queries, ctx)
     assert torch.equal(adv, again)
-    clean, attacked = mean_ap(model, queries, ctx, split), mean_ap(model, adv, ctx, split)
-    assert attacked < 0.7 * clean, (clean, attacked)
+    if name in IDENTITY_FREE:
+        with torch.no_grad():
+            cosine = (embed(model, adv) * ctx.query_feats).sum(1).mean()
+        assert cosine < 0.5, float(cosine)
+    else:
+        clean, attacked = mean_ap(model, queries, ctx, split), mean_ap(model, adv, ctx, split)
+        assert attacked < 0.7 * clean, (clean, attacked)
 
 
 def test_gradients_reach_the_input_through_a_differentiable_transform(setting):
@@ -72,3 +84,17 @@ def test_eps_outside_the_unit_interval_is_refused(eps):
 def test_unknown_attack_suggests_the_closest():
     with pytest.raises(ReIDBenchError, match="did you mean 'm-ifgsm'"):
         build_attack("m-ifsgm", eps=EPS, step=STEP, iterations=ITERS)
+
+
+@pytest.mark.slow
+def test_every_white_box_attack_lowers_the_default_baselines_map(tmp_path):
+    """The issue's criterion on the embedded default: the synthetic `small` baseline of the
+    shipped zoo, every white-box attack of the protocol at the primary budget."""
+    from reidbench.runner import Runner
+    from reidbench.zoo import load_zoo
+
+    runner = Runner(load_zoo(), results_root=tmp_path, device="cpu", rerank=False, progress=False)
+    entry = runner.zoo["resnet18-synthetic-none"]
+    for name in runner.protocol.attacks("white-box"):
+        record = __import__("json").loads(runner.run_cell(entry, name).read_text())
+        assert record["attacked"]["mAP"] < 0.7 * record["clean"]["mAP"], (name, record["clean"], record["attacked"])
