@@ -1,0 +1,698 @@
+"""The embedded default dataset: procedurally drawn pedestrians seen by a few cameras.
+
+It needs no download, builds in seconds on a CPU and is hard enough that a small CNN trained
+on it is neither useless nor perfect, so attacks and defenses have room to show an effect.
+
+An **identity** is what a person wears and how they are built: the colour and pattern of the
+upper body (solid, horizontal or vertical stripes, checks -- the pattern's period and second
+colour belong to the identity), sleeve length, trousers / shorts / skirt and their colour,
+shoes, skin tone, hair tone and length, a chest logo (seen only from the front), a backpack
+(seen only from the back and the side) or a shoulder bag or nothing, and the body's height and
+build. Clothing colours come from a short palette, so many identities share their dominant
+colours and differ only by pattern, shape or accessories: colour matters, but a grayscale model
+still has something to go on.
+
+A **camera** is how a view is taken: a colour cast (per-channel gain), illumination
+(brightness, contrast), optical blur, an effective resolution (downsample, then upsample back),
+the distribution of viewpoints it sees people from (front, back, side), a background palette
+for its clutter, how often something stands between it and the person, and its sensor noise.
+
+Each **image** adds its own nuisance: the viewpoint, where the person stands and how large
+they appear, the leg stance and arm swing, a light flicker, the background layout, an optional
+occluder and the noise draw. ``draw_scene(identity, camera, nuisance)`` followed by
+``apply_camera`` is the whole renderer, so further modalities (an infrared rendering) or
+motion (a tracklet is a sequence of nuisances) only add new inputs to it.
+
+Every random choice comes from a ``numpy.random.Generator`` seeded with (seed, stream, index),
+never from global state, and each image is rendered with elementwise float64 arithmetic (no
+threaded reductions) before the final rounding to uint8: the same seed and preset give
+bit-identical images regardless of generation order, thread count or machine load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..errors import ReIDBenchError, unknown_name
+from ..registry import DATASETS
+from .split import ReIDSplit, ReIDSubset
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "PRESETS",
+    "SyntheticConfig",
+    "Identity",
+    "Camera",
+    "Nuisance",
+    "build_synthetic",
+    "generate",
+    "sample_identity",
+    "sample_camera",
+    "sample_nuisance",
+    "draw_scene",
+    "apply_camera",
+    "render",
+]
+
+# Bump whenever a change to this file changes any generated pixel or split: it is part of the
+# cache file name and of the split hash, so stale caches and results are never mixed up.
+GENERATOR_VERSION = 1
+
+
+# Clothing colours (RGB in [0, 1]) with their frequency: dark and neutral clothes dominate, as
+# in the street, which is what makes colour alone insufficient.
+_CLOTHING = np.array([
+    (0.10, 0.10, 0.11),  # black
+    (0.86, 0.86, 0.84),  # white
+    (0.47, 0.48, 0.50),  # grey
+    (0.12, 0.17, 0.38),  # navy
+    (0.20, 0.42, 0.78),  # blue
+    (0.72, 0.14, 0.14),  # red
+    (0.18, 0.46, 0.24),  # green
+    (0.74, 0.66, 0.48),  # beige
+    (0.42, 0.27, 0.16),  # brown
+    (0.88, 0.76, 0.18),  # yellow
+    (0.88, 0.52, 0.62),  # pink
+    (0.42, 0.23, 0.52),  # purple
+])
+_CLOTHING_FREQ = np.array([5, 3, 3, 3, 2, 2, 1.5, 1.5, 1.5, 1, 1, 1])
+_SHOES = np.array([(0.08, 0.08, 0.08), (0.85, 0.85, 0.85), (0.35, 0.22, 0.12), (0.45, 0.45, 0.47)])
+_SKIN = np.array([(0.96, 0.80, 0.69), (0.89, 0.69, 0.55), (0.76, 0.57, 0.42), (0.55, 0.38, 0.26),
+                  (0.36, 0.24, 0.16)])
+_HAIR = np.array([(0.06, 0.05, 0.05), (0.24, 0.15, 0.09), (0.45, 0.30, 0.16), (0.80, 0.68, 0.42),
+                  (0.62, 0.62, 0.62)])
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Every knob of the generator. Ranges are inclusive (low, high) pairs."""
+
+    num_train_ids: int = 120
+    num_test_ids: int = 80
+    height: int = 64
+    width: int = 32
+    num_cameras: int = 6
+    cameras_per_id: tuple[int, int] = (2, 4)
+    images_per_id: tuple[int, int] = (10, 14)
+    # How many of the clothing palette's colours are in use (fewer: more look-alikes).
+    palette_size: int = 12
+    # Std of the per-identity shift of each palette colour, so look-alikes are not exact twins.
+    colour_jitter: float = 0.03
+    # Std of the log per-channel gain of a camera.
+    colour_cast: float = 0.12
+    brightness: tuple[float, float] = (0.7, 1.15)
+    contrast: tuple[float, float] = (0.75, 1.05)
+    # Gaussian blur sigma as a fraction of the image height.
+    blur: tuple[float, float] = (0.0, 0.012)
+    # Effective resolution as a fraction of the stored one.
+    resolution: tuple[float, float] = (0.55, 1.0)
+    # Dirichlet concentration of a camera's (front, back, side) viewpoint distribution.
+    view_concentration: float = 1.5
+    # Mean probability that an occluder hides part of the person (varies by camera).
+    occlusion: float = 0.25
+    # Sensor noise std range (in [0, 1] intensity units) across cameras.
+    noise: tuple[float, float] = (0.01, 0.035)
+    # Per-image multiplicative light flicker std.
+    flicker: float = 0.06
+    # Background shapes per image.
+    clutter: tuple[int, int] = (2, 6)
+    # Person height as a fraction of the image height, and horizontal offset as a fraction of the width.
+    person_scale: tuple[float, float] = (0.78, 0.93)
+    shift: float = 0.08
+
+    def __post_init__(self) -> None:
+        for name in ("cameras_per_id", "images_per_id", "brightness", "contrast", "blur", "resolution", "noise",
+                     "clutter", "person_scale"):
+            value = getattr(self, name)
+            # Overrides may arrive as lists (YAML, JSON); a frozen dataclass must stay hashable.
+            object.__setattr__(self, name, tuple(value))
+            if len(value) != 2 or value[0] > value[1]:
+                raise ReIDBenchError(f"synthetic option '{name}' must be a (low, high) pair, got {value!r}")
+        if self.num_train_ids < 1 or self.num_test_ids < 1:
+            raise ReIDBenchError("synthetic dataset needs at least one train and one test identity")
+        if not (2 <= self.cameras_per_id[0] and self.cameras_per_id[1] <= self.num_cameras):
+            raise ReIDBenchError(
+                f"cameras_per_id {self.cameras_per_id} must lie within [2, num_cameras={self.num_cameras}]: "
+                "every query needs a positive seen by another camera")
+        if self.images_per_id[0] < 2 * self.cameras_per_id[1]:
+            raise ReIDBenchError(
+                f"images_per_id {self.images_per_id} must allow two images in each of up to "
+                f"{self.cameras_per_id[1]} cameras (a query and a gallery image per camera)")
+        if not 1 <= self.palette_size <= len(_CLOTHING):
+            raise ReIDBenchError(f"palette_size must be in [1, {len(_CLOTHING)}], got {self.palette_size}")
+        if self.height < 16 or self.width < 8:
+            raise ReIDBenchError(f"synthetic images must be at least 16x8, got {self.height}x{self.width}")
+
+
+PRESETS: dict[str, SyntheticConfig] = {
+    # For unit tests: a few hundred images, generated in well under two seconds.
+    "tiny": SyntheticConfig(num_train_ids=16, num_test_ids=12, num_cameras=4, cameras_per_id=(2, 3),
+                            images_per_id=(6, 8)),
+    # The CPU default.
+    "small": SyntheticConfig(),
+    "medium": SyntheticConfig(num_train_ids=500, num_test_ids=250, height=128, width=64),
+    # For a GPU; about 1.8 GB of uint8 pixels.
+    "large": SyntheticConfig(num_train_ids=750, num_test_ids=750, height=256, width=128, num_cameras=8,
+                             cameras_per_id=(2, 5)),
+}
+
+SOLID, HSTRIPES, VSTRIPES, CHECKS = range(4)
+TROUSERS, SHORTS, SKIRT = range(3)
+NO_BAG, BACKPACK, SHOULDER_BAG = range(3)
+FRONT, BACK, SIDE = range(3)
+
+# Independent random streams, so that e.g. adding an image draw never shifts identity draws.
+_IDENTITY_STREAM, _CAMERA_STREAM, _LAYOUT_STREAM, _IMAGE_STREAM = range(4)
+
+
+def _rng(seed: int, stream: int, *index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, *index])
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a person wears and how they are built; colours are RGB in [0, 1]."""
+
+    upper: np.ndarray
+    upper2: np.ndarray
+    pattern: int
+    period: float  # of the upper pattern, as a fraction of body height
+    short_sleeves: bool
+    lower: np.ndarray
+    lower_style: int
+    shoes: np.ndarray
+    skin: np.ndarray
+    hair: np.ndarray
+    long_hair: bool
+    logo: Optional[np.ndarray]  # colour of a chest logo, if any
+    logo_square: bool
+    bag: int
+    bag_colour: np.ndarray
+    bag_side: int  # +1 / -1: the shoulder bag hangs on the person's right / left
+    height: float  # relative to the average person
+    build: float  # width relative to the average person
+
+
+@dataclass(frozen=True)
+class Camera:
+    gain: np.ndarray  # per-channel colour cast
+    brightness: float
+    contrast: float
+    blur: float  # Gaussian sigma, fraction of image height
+    resolution: float  # effective resolution, fraction of the stored one
+    view_probs: np.ndarray  # (front, back, side)
+    palette: np.ndarray  # (4, 3) background colours: wall, floor, two clutter colours
+    occlusion: float
+    noise: float
+
+
+@dataclass(frozen=True)
+class Nuisance:
+    """Everything that changes from one image of the same person and camera to the next."""
+
+    view: int
+    facing: int  # +1 / -1: in a side view the person walks right / left
+    scale: float  # person height, fraction of image height (before the identity's own height)
+    shift: float  # horizontal offset of the person, fraction of image width
+    drop: float  # vertical offset of the feet, fraction of image height
+    stance: float  # leg spread, fraction of body height
+    swing: float  # arm swing, fraction of body height
+    flicker: float
+    horizon: float  # wall / floor boundary, fraction of image height
+    clutter: np.ndarray  # (n, 6): ellipse?, cx, cy, half-width, half-height (fractions of image), colour index
+    occluder: Optional[tuple[int, float, float, int]]  # kind, position, extent, colour index
+    noise_seed: int
+
+
+def _pick_colour(rng: np.random.Generator, cfg: SyntheticConfig, exclude: int = -1) -> tuple[int, np.ndarray]:
+    freq = _CLOTHING_FREQ[: cfg.palette_size].copy()
+    if 0 <= exclude < cfg.palette_size and cfg.palette_size > 1:
+        freq[exclude] = 0.0
+    index = int(rng.choice(cfg.palette_size, p=freq / freq.sum()))
+    colour = np.clip(_CLOTHING[index] + rng.normal(0.0, cfg.colour_jitter, 3), 0.0, 1.0)
+    return index, colour
+
+
+def sample_identity(rng: np.random.Generator, cfg: SyntheticConfig) -> Identity:
+    upper_index, upper = _pick_colour(rng, cfg)
+    _, upper2 = _pick_colour(rng, cfg, exclude=upper_index)
+    pattern = int(rng.choice(4, p=[0.4, 0.2, 0.2, 0.2]))
+    period = float(rng.uniform(0.08, 0.14))
+    short_sleeves = bool(rng.random() < 0.35)
+    _, lower = _pick_colour(rng, cfg)
+    lower_style = int(rng.choice(3, p=[0.65, 0.2, 0.15]))
+    shoes = _SHOES[rng.integers(len(_SHOES))]
+    skin = np.clip(_SKIN[rng.integers(len(_SKIN))] + rng.normal(0.0, 0.02, 3), 0.0, 1.0)
+    hair = np.clip(_HAIR[rng.integers(len(_HAIR))] + rng.normal(0.0, 0.02, 3), 0.0, 1.0)
+    long_hair = bool(rng.random() < 0.35)
+    has_logo = rng.random() < 0.45
+    _, logo = _pick_colour(rng, cfg, exclude=upper_index)
+    logo_square = bool(rng.random() < 0.5)
+    bag = int(rng.choice(3, p=[0.4, 0.35, 0.25]))
+    _, bag_colour = _pick_colour(rng, cfg)
+    bag_side = 1 if rng.random() < 0.5 else -1
+    height = float(rng.uniform(0.92, 1.05))
+    build = float(rng.uniform(0.8, 1.25))
+    return Identity(upper, upper2, pattern, period, short_sleeves, lower, lower_style, shoes, skin, hair, long_hair,
+                    logo if has_logo else None, logo_square, bag, bag_colour, bag_side, height, build)
+
+
+def sample_camera(rng: np.random.Generator, cfg: SyntheticConfig) -> Camera:
+    gain = np.exp(rng.normal(0.0, cfg.colour_cast, 3))
+    brightness = float(rng.uniform(*cfg.brightness))
+    contrast = float(rng.uniform(*cfg.contrast))
+    blur = float(rng.uniform(*cfg.blur))
+    resolution = float(rng.uniform(*cfg.resolution))
+    view_probs = rng.dirichlet(np.full(3, cfg.view_concentration))
+    # Muted colours: walls and pavements are rarely saturated.
+    palette = 0.6 * rng.uniform(0.1, 0.9, (4, 3)) + 0.4 * rng.uniform(0.3, 0.7, (4, 1))
+    occlusion = float(np.clip(cfg.occlusion * rng.uniform(0.4, 1.6), 0.0, 1.0))
+    noise = float(rng.uniform(*cfg.noise))
+    return Camera(gain, brightness, contrast, blur, resolution, view_probs, palette, occlusion, noise)
+
+
+def sample_nuisance(rng: np.random.Generator, cfg: SyntheticConfig, camera: Camera) -> Nuisance:
+    view = int(rng.choice(3, p=camera.view_probs))
+    facing = 1 if rng.random() < 0.5 else -1
+    scale = float(rng.uniform(*cfg.person_scale))
+    shift = float(rng.uniform(-cfg.shift, cfg.shift))
+    drop = float(rng.uniform(-0.04, 0.01))
+    stance = float(rng.uniform(0.0, 0.12 if view == SIDE else 0.06))
+    swing = float(rng.uniform(-0.06, 0.06))
+    flicker = float(np.exp(rng.normal(0.0, cfg.flicker)))
+    horizon = float(rng.uniform(0.45, 0.8))
+    n = int(rng.integers(cfg.clutter[0], cfg.clutter[1] + 1))
+    clutter = np.column_stack([
+        rng.random(n) < 0.5,
+        rng.uniform(0.0, 1.0, n),
+        rng.uniform(0.0, 1.0, n),
+        rng.uniform(0.05, 0.4, n),
+        rng.uniform(0.03, 0.25, n),
+        rng.integers(0, 4, n),
+    ]).astype(np.float64)
+    occluder = None
+    if rng.random() < camera.occlusion:
+        # 0: a pole, 1: something low in front of the legs, 2: a block entering from one side.
+        occluder = (int(rng.integers(3)), float(rng.uniform(0.0, 1.0)), float(rng.uniform(0.0, 1.0)),
+                    int(rng.integers(4)))
+    noise_seed = int(rng.integers(2**31))
+    return Nuisance(view, facing, scale, shift, drop, stance, swing, flicker, horizon, clutter, occluder, noise_seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering: signed distance functions (in pixels, negative inside) composited back to front
+# with a one-pixel soft edge, which antialiases without supersampling.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Canvas:
+    def __init__(self, height: int, width: int):
+        self.y, self.x = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+        self.rgb = np.zeros((height, width, 3))
+
+    def paint(self, sdf: np.ndarray, colour: np.ndarray) -> None:
+        alpha = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]
+        self.rgb += alpha * (colour - self.rgb)
+
+    def box(self, cx: float, cy: float, hw: float, hh: float, radius: float = 0.0) -> np.ndarray:
+        qx = np.abs(self.x - cx) - hw + radius
+        qy = np.abs(self.y - cy) - hh + radius
+        outside = np.sqrt(np.maximum(qx, 0.0) ** 2 + np.maximum(qy, 0.0) ** 2)
+        return outside + np.minimum(np.maximum(qx, qy), 0.0) - radius
+
+    def ellipse(self, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+        # Not an exact distance, but its gradient is close to one near the edge, which is all the
+        # soft edge needs.
+        r = np.sqrt(((self.x - cx) / rx) ** 2 + ((self.y - cy) / ry) ** 2)
+        return (r - 1.0) * min(rx, ry)
+
+    def capsule(self, x0: float, y0: float, x1: float, y1: float, radius: float) -> np.ndarray:
+        dx, dy = x1 - x0, y1 - y0
+        t = np.clip(((self.x - x0) * dx + (self.y - y0) * dy) / (dx * dx + dy * dy + 1e-9), 0.0, 1.0)
+        return np.sqrt((self.x - x0 - t * dx) ** 2 + (self.y - y0 - t * dy) ** 2) - radius
+
+    def trapezoid(self, cx: float, y0: float, y1: float, hw0: float, hw1: float) -> np.ndarray:
+        t = np.clip((self.y - y0) / (y1 - y0), 0.0, 1.0)
+        return np.maximum(np.abs(self.x - cx) - (hw0 + t * (hw1 - hw0)), np.abs(self.y - (y0 + y1) / 2) - (y1 - y0) / 2)
+
+
+def _square_wave(coord: np.ndarray, period: float) -> np.ndarray:
+    """1 on the first half of each period, 0 on the second, with one-pixel soft edges."""
+    phase = np.mod(coord / period, 1.0)
+    to_edge = np.minimum(np.mod(phase, 0.5), 0.5 - np.mod(phase, 0.5)) * period
+    inside = np.where(phase < 0.5, 1.0, -1.0)
+    return np.clip(0.5 + inside * to_edge, 0.0, 1.0)
+
+
+def _draw_background(canvas: _Canvas, camera: Camera, nuisance: Nuisance) -> None:
+    height, width = canvas.rgb.shape[:2]
+    wall, floor = camera.palette[0], camera.palette[1]
+    horizon = nuisance.horizon * height
+    # The wall darkens towards the top and the floor brightens towards the camera.
+    up = np.clip(canvas.y / horizon, 0.0, 1.0)[..., None]
+    down = np.clip((canvas.y - horizon) / max(height - horizon, 1.0), 0.0, 1.0)[..., None]
+    canvas.rgb[:] = np.where(canvas.y[..., None] < horizon, wall * (0.75 + 0.25 * up), floor * (0.85 + 0.25 * down))
+    for is_ellipse, cx, cy, hw, hh, colour in nuisance.clutter:
+        cx, cy, hw, hh = cx * width, cy * height, hw * width, hh * height
+        sdf = canvas.ellipse(cx, cy, hw, hh) if is_ellipse else canvas.box(cx, cy, hw, hh)
+        canvas.paint(sdf, camera.palette[int(colour)])
+
+
+def _draw_person(canvas: _Canvas, person: Identity, height: int, width: int, nuisance: Nuisance) -> None:
+    view, facing = nuisance.view, nuisance.facing
+    u = min(nuisance.scale * person.height, 0.98) * height  # body height in pixels
+    feet = height * (0.985 + nuisance.drop)
+    top = feet - u
+    cx = width * (0.5 + nuisance.shift)
+    b = person.build
+    side = view == SIDE
+
+    torso_top, hip = top + 0.15 * u, top + 0.52 * u
+    torso_hw = (0.1 if side else 0.13) * u * b
+    head_y, head_ry = top + 0.075 * u, 0.07 * u
+    head_rx = 0.052 * u
+    # In a side view the head and legs lean into the walking direction.
+    head_x = cx + (0.012 * u * facing if side else 0.0)
+
+    # Behind the body: a backpack seen from the side, long hair seen from the front.
+    if person.bag == BACKPACK and side:
+        canvas.paint(canvas.box(cx - facing * (torso_hw + 0.035 * u), top + 0.29 * u, 0.045 * u, 0.09 * u,
+                                0.02 * u), person.bag_colour)
+    if person.long_hair and view == FRONT:
+        canvas.paint(canvas.box(head_x, top + 0.13 * u, head_rx * 1.2, 0.09 * u, 0.03 * u), person.hair)
+
+    # Legs, from hip to ankle, spread by the stance.
+    leg_r = 0.045 * u * b
+    knee = top + 0.72 * u
+    ankle = top + 0.95 * u
+    if side:
+        hips = [(cx, cx + facing * nuisance.stance * u), (cx, cx - facing * nuisance.stance * u)]
+    else:
+        off = 0.055 * u * b
+        hips = [(cx - off, cx - off - nuisance.stance * u / 2), (cx + off, cx + off + nuisance.stance * u / 2)]
+    for hip_x, ankle_x in hips:
+        leg = canvas.capsule(hip_x, hip, ankle_x, ankle, leg_r)
+        if person.lower_style == TROUSERS:
+            canvas.paint(leg, person.lower)
+        else:
+            canvas.paint(leg, person.skin)
+            if person.lower_style == SHORTS:
+                canvas.paint(np.maximum(leg, canvas.y - knee), person.lower)
+        toe = facing * 0.025 * u if side else 0.0
+        canvas.paint(canvas.ellipse(ankle_x + toe, ankle + 0.015 * u, 0.05 * u, 0.028 * u), person.shoes)
+    if person.lower_style == SKIRT:
+        canvas.paint(canvas.trapezoid(cx, hip - 0.02 * u, knee, torso_hw * 0.95, torso_hw * 1.35), person.lower)
+
+    # Upper body, with the identity's pattern in torso coordinates so it moves with the person.
+    rel_x, rel_y = canvas.x - cx, canvas.y - torso_top
+    period = person.period * u
+    if person.pattern == SOLID:
+        weight = np.zeros_like(rel_x)
+    elif person.pattern == HSTRIPES:
+        weight = _square_wave(rel_y, period)
+    elif person.pattern == VSTRIPES:
+        weight = _square_wave(rel_x + 0.25 * period, period)
+    else:
+        wx, wy = _square_wave(rel_x + 0.25 * period, period), _square_wave(rel_y, period)
+        weight = wx + wy - 2 * wx * wy
+    shirt = person.upper + weight[..., None] * (person.upper2 - person.upper)
+
+    def arm(shoulder_x: float, hand_dx: float) -> None:
+        shoulder_y, elbow_y, hand_y = torso_top + 0.03 * u, torso_top + 0.17 * u, hip - 0.03 * u
+        hand_x = shoulder_x + hand_dx
+        sleeve = canvas.capsule(shoulder_x, shoulder_y, hand_x, hand_y, 0.035 * u * b)
+        if person.short_sleeves:
+            canvas.paint(sleeve, person.skin)
+            sleeve = np.maximum(sleeve, canvas.y - elbow_y)
+        canvas.paint(sleeve, shirt)
+        canvas.paint(canvas.ellipse(hand_x, hand_y + 0.025 * u, 0.03 * u, 0.035 * u), person.skin)
+
+    torso = canvas.box(cx, (torso_top + hip) / 2, torso_hw, (hip - torso_top) / 2, 0.04 * u)
+    canvas.paint(torso, shirt)
+    if view == FRONT and person.logo is not None:
+        logo_x, logo_y, size = cx + 0.04 * u * b, torso_top + 0.09 * u, 0.035 * u
+        logo = canvas.box(logo_x, logo_y, size, size) if person.logo_square else canvas.ellipse(logo_x, logo_y, size, size)
+        canvas.paint(logo, person.logo)
+    if view == BACK and person.bag == BACKPACK:
+        # Smaller than the back, so the shirt still shows around it.
+        canvas.paint(canvas.box(cx, top + 0.29 * u, 0.07 * u, 0.09 * u, 0.02 * u), person.bag_colour)
+    if person.bag == SHOULDER_BAG:
+        # The bag hangs on the person's right, which is the viewer's left from the front.
+        bag_x = cx if side else cx + person.bag_side * (1 if view == BACK else -1) * (torso_hw + 0.04 * u)
+        strap_x = cx - (bag_x - cx) * 0.6
+        canvas.paint(canvas.capsule(strap_x, torso_top + 0.01 * u, bag_x, hip - 0.04 * u, 0.012 * u),
+                     person.bag_colour * 0.8)
+        canvas.paint(canvas.box(bag_x, hip - 0.01 * u, 0.055 * u, 0.05 * u, 0.01 * u), person.bag_colour)
+    if side:
+        arm(cx, facing * nuisance.swing * u)
+    else:
+        for s in (-1, 1):
+            arm(cx + s * (torso_hw + 0.01 * u * b), s * 0.015 * u + nuisance.swing * u * 0.3)
+
+    # Head: a face from the front, hair all over from the back, hair on the back half from the side.
+    head = canvas.ellipse(head_x, head_y, head_rx, head_ry)
+    canvas.paint(canvas.box(cx, top + 0.14 * u, 0.025 * u, 0.03 * u), person.skin)
+    if view == BACK:
+        canvas.paint(head, person.hair)
+        if person.long_hair:
+            canvas.paint(canvas.box(head_x, top + 0.14 * u, head_rx * 1.1, 0.09 * u, 0.03 * u), person.hair)
+        return
+    canvas.paint(head, person.skin)
+    cap = np.maximum(head - 0.01 * u, canvas.y - (head_y - 0.02 * u))
+    canvas.paint(cap, person.hair)
+    if side:
+        canvas.paint(np.maximum(head, facing * (canvas.x - head_x) + 0.01 * u), person.hair)
+        if person.long_hair:
+            canvas.paint(canvas.box(head_x - facing * head_rx * 0.6, top + 0.13 * u, head_rx * 0.5, 0.08 * u,
+                                    0.02 * u), person.hair)
+    else:
+        for s in (-1, 1):
+            canvas.paint(canvas.ellipse(head_x + s * head_rx * 0.4, head_y + 0.005 * u, 0.01 * u, 0.01 * u),
+                         person.skin * 0.35)
+
+
+def _draw_occluder(canvas: _Canvas, camera: Camera, nuisance: Nuisance) -> None:
+    height, width = canvas.rgb.shape[:2]
+    kind, position, extent, colour = nuisance.occluder
+    colour = camera.palette[colour] * 0.8
+    if kind == 0:
+        sdf = canvas.box(width * (0.2 + 0.6 * position), height / 2, width * (0.05 + 0.05 * extent), height)
+    elif kind == 1:
+        hh = height * (0.1 + 0.12 * extent)
+        sdf = canvas.box(width * position, height - hh, width * 0.6, hh, 0.02 * height)
+    else:
+        hw = width * (0.15 + 0.15 * extent)
+        sdf = canvas.box(-0.5 * hw if position < 0.5 else width + 0.5 * hw, height / 2, 1.5 * hw, height)
+    canvas.paint(sdf, colour)
+
+
+def draw_scene(person: Identity, camera: Camera, nuisance: Nuisance, size: tuple[int, int]) -> np.ndarray:
+    """The scene in front of the camera as float64 (H, W, 3) RGB in [0, 1], before any optics."""
+    canvas = _Canvas(*size)
+    _draw_background(canvas, camera, nuisance)
+    _draw_person(canvas, person, size[0], size[1], nuisance)
+    if nuisance.occluder is not None:
+        _draw_occluder(canvas, camera, nuisance)
+    return canvas.rgb
+
+
+@functools.lru_cache(maxsize=256)
+def _optics(n: int, sigma: float, resolution: float) -> tuple[tuple[int, ...], np.ndarray]:
+    """The linear map along one image axis of blur, area-downsampling to the effective resolution
+    and bilinear upsampling back, as the (offsets, weights) of its band: output pixel ``i`` is
+    ``sum_k weights[k, i] * input[i + offsets[k]]``.
+
+    Applying the band with elementwise operations instead of a matrix product keeps BLAS (and its
+    thread pool, which thrashes on a busy machine) out of the per-image path."""
+    idx = np.arange(n, dtype=np.float64)
+    # Below a twentieth of a pixel a Gaussian is an identity anyway (and would divide by ~0).
+    if sigma > 0.05:
+        gap = idx[:, None] - idx[None, :]
+        # Cut at three sigma so that the band, and the per-image cost, stays narrow.
+        matrix = np.where(np.abs(gap) <= max(1.0, 3.0 * sigma), np.exp(-0.5 * (gap / sigma) ** 2), 0.0)
+    else:
+        matrix = np.eye(n)
+    matrix /= matrix.sum(axis=1, keepdims=True)
+    m = max(2, int(round(n * resolution)))
+    if m < n:
+        # Area averaging: each low-resolution pixel covers n/m pixels, partially at the ends.
+        edges = np.arange(m + 1) * (n / m)
+        down = np.clip(np.minimum(edges[1:, None], idx[None, :] + 1) - np.maximum(edges[:-1, None], idx[None, :]),
+                       0.0, None)
+        down /= down.sum(axis=1, keepdims=True)
+        # Bilinear upsampling with half-pixel centres (like align_corners=False).
+        src = np.clip((idx + 0.5) * (m / n) - 0.5, 0.0, m - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, m - 1)
+        up = np.zeros((n, m))
+        up[np.arange(n), lo] += 1.0 - (src - lo)
+        up[np.arange(n), hi] += src - lo
+        matrix = up @ down @ matrix
+    offsets, weights = [], []
+    for offset in range(1 - n, n):
+        diagonal = np.diagonal(matrix, offset)
+        if diagonal.any():
+            band = np.zeros(n)
+            band[max(0, -offset): n - max(0, offset)] = diagonal
+            offsets.append(offset)
+            weights.append(band)
+    return tuple(offsets), np.stack(weights)
+
+
+def _apply_band(img: np.ndarray, band: tuple[tuple[int, ...], np.ndarray]) -> np.ndarray:
+    """Apply an ``_optics`` band along the first axis of ``img``."""
+    offsets, weights = band
+    n, reach = len(img), max(abs(o) for o in offsets)
+    padded = np.pad(img, [(reach, reach)] + [(0, 0)] * (img.ndim - 1))
+    out = np.zeros_like(img)
+    shape = (n,) + (1,) * (img.ndim - 1)
+    for offset, weight in zip(offsets, weights):
+        out += weight.reshape(shape) * padded[reach + offset: reach + offset + n]
+    return out
+
+
+def apply_camera(scene: np.ndarray, camera: Camera, nuisance: Nuisance) -> np.ndarray:
+    """Photograph a scene: colour cast and light, optics, sensor noise; uint8 (H, W, 3)."""
+    height, width = scene.shape[:2]
+    img = scene * (camera.gain * camera.brightness * nuisance.flicker)
+    img = (img - 0.5) * camera.contrast + 0.5
+    sigma = camera.blur * height
+    img = _apply_band(img, _optics(height, sigma, camera.resolution))
+    img = _apply_band(img.transpose(1, 0, 2), _optics(width, sigma, camera.resolution)).transpose(1, 0, 2)
+    img = img + np.random.default_rng(nuisance.noise_seed).normal(0.0, camera.noise, img.shape)
+    return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def render(person: Identity, camera: Camera, nuisance: Nuisance, size: tuple[int, int]) -> np.ndarray:
+    """One image, uint8 (H, W, 3)."""
+    return apply_camera(draw_scene(person, camera, nuisance, size), camera, nuisance)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+
+def _layout(rng: np.random.Generator, cfg: SyntheticConfig) -> list[tuple[int, int]]:
+    """(camera, number of images) for each camera an identity walks past, at least two each."""
+    k = int(rng.integers(cfg.cameras_per_id[0], cfg.cameras_per_id[1] + 1))
+    cams = np.sort(rng.choice(cfg.num_cameras, size=k, replace=False))
+    total = int(rng.integers(cfg.images_per_id[0], cfg.images_per_id[1] + 1))
+    counts = 2 + rng.multinomial(total - 2 * k, np.full(k, 1.0 / k))
+    return [(int(c), int(n)) for c, n in zip(cams, counts)]
+
+
+def generate(cfg: SyntheticConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """All images and labels: ``{train,query,gallery}_{images,pids,camids}`` tensors."""
+    size = (cfg.height, cfg.width)
+    cameras = [sample_camera(_rng(seed, _CAMERA_STREAM, c), cfg) for c in range(cfg.num_cameras)]
+    people = [sample_identity(_rng(seed, _IDENTITY_STREAM, pid), cfg)
+              for pid in range(cfg.num_train_ids + cfg.num_test_ids)]
+    # Plan every (pid, camera, shot) first so that images go straight into preallocated tensors:
+    # the large preset would otherwise hold its 1.8 GB of pixels two or three times over.
+    plan: dict[str, list[tuple[int, int, int]]] = {"train": [], "query": [], "gallery": []}
+    for pid in range(len(people)):
+        layout_rng = _rng(seed, _LAYOUT_STREAM, pid)
+        is_test = pid >= cfg.num_train_ids
+        for cam, count in _layout(layout_rng, cfg):
+            query_shot = int(layout_rng.integers(count)) if is_test else -1
+            for shot in range(count):
+                part = "train" if not is_test else ("query" if shot == query_shot else "gallery")
+                plan[part].append((pid, cam, shot))
+    out = {}
+    for part, entries in plan.items():
+        images = torch.empty((len(entries), 3, *size), dtype=torch.uint8)
+        for i, (pid, cam, shot) in enumerate(entries):
+            nuisance = sample_nuisance(_rng(seed, _IMAGE_STREAM, pid, cam, shot), cfg, cameras[cam])
+            images[i] = torch.from_numpy(render(people[pid], cameras[cam], nuisance, size)).permute(2, 0, 1)
+        out[f"{part}_images"] = images
+        out[f"{part}_pids"] = torch.tensor([e[0] for e in entries], dtype=torch.long)
+        out[f"{part}_camids"] = torch.tensor([e[1] for e in entries], dtype=torch.long)
+    return out
+
+
+def _config_digest(cfg: SyntheticConfig, seed: int) -> str:
+    payload = json.dumps({"generator": GENERATOR_VERSION, "config": dataclasses.asdict(cfg), "seed": seed},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _load_cached(path: Path) -> Optional[dict[str, torch.Tensor]]:
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        # A cache is only a copy: one this torch cannot read is regenerated, never fatal.
+        return None
+    keys = {f"{part}_{what}" for part in ("train", "query", "gallery") for what in ("images", "pids", "camids")}
+    return data if isinstance(data, dict) and keys <= data.keys() else None
+
+
+def _save_atomic(data: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@DATASETS.register("synthetic")
+def build_synthetic(root: Optional[str | Path] = None, preset: str = "small", seed: int = 0, cache: bool = True,
+                    **overrides) -> ReIDSplit:
+    """The procedural pedestrian dataset. ``root`` replaces the cache folder; ``overrides`` set
+    any :class:`SyntheticConfig` field on top of the preset."""
+    from . import cache_dir
+
+    if preset not in PRESETS:
+        raise unknown_name("synthetic preset", preset, PRESETS)
+    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    for key in overrides:
+        if key not in fields:
+            raise unknown_name("synthetic option", key, fields)
+    cfg = dataclasses.replace(PRESETS[preset], **overrides)
+    seed = int(seed)
+    digest = _config_digest(cfg, seed)
+
+    data = None
+    path = (Path(root) if root is not None else cache_dir() / "synthetic") / (
+        f"{preset}-seed{seed}-v{GENERATOR_VERSION}-{digest}.pt")
+    if cache:
+        data = _load_cached(path)
+    if data is None:
+        data = generate(cfg, seed)
+        if cache:
+            _save_atomic(data, path)
+
+    subsets = {name: ReIDSubset(data[f"{name}_pids"], data[f"{name}_camids"], images=data[f"{name}_images"])
+               for name in ("train", "query", "gallery")}
+    info = {
+        "preset": preset,
+        "seed": seed,
+        "generator_version": GENERATOR_VERSION,
+        "cameras": cfg.num_cameras,
+        "train_ids": cfg.num_train_ids,
+        "test_ids": cfg.num_test_ids,
+        "train_images": len(subsets["train"]),
+        "query_images": len(subsets["query"]),
+        "gallery_images": len(subsets["gallery"]),
+        "description": (f"procedural pedestrians, preset '{preset}' (seed {seed}): {cfg.num_train_ids} train / "
+                        f"{cfg.num_test_ids} test identities, {cfg.num_cameras} cameras, {cfg.height}x{cfg.width}"),
+    }
+    return ReIDSplit("synthetic", subsets["train"], subsets["query"], subsets["gallery"],
+                     image_size=(cfg.height, cfg.width), split_hash=digest, info=info)
