@@ -1,0 +1,55 @@
+"""Markdown table of clean vs attacked Rank-1 / mAP per attack, from a result store, with
+the numbers the papers report for Market-1501 beside ours.
+
+    python benchmarks/attack_table.py results > benchmarks/results/attacks.md
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from reidbench.leaderboard import results_table, worst_case
+
+# Published Market-1501 numbers (undefended models, ε = 5/255 unless stated), as reported
+# in the papers' tables; "–" where a paper does not report the attack.
+PAPERS = {
+    "sma": "Bouniot 2020: mAP 76 → ~2 (ResNet-50); Gong 2022: R-1 88.4 → 15.7",
+    "fna": "Bouniot 2020: mAP 76 → <1",
+    "lta": "Gong 2022: R-1 88.4 → 13.3",
+    "m-ifgsm": "Bai 2019: large drops on Market (their Table: gallery perturbed, ε up to 16)",
+    "m-ifgsm-gallery": "Bai 2019: the original gallery-perturbing setting",
+    "dmr": "Wang 2020: R-1 of AlignedReID 91.8 → 1.4 (ε = 16, gallery+query)",
+}
+
+
+def fmt(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def main(root: str) -> None:
+    cells = results_table(Path(root))
+    if cells.empty:
+        print(f"no results under {root}")
+        return
+    cells["eps255"] = (cells["eps"].fillna(0) * 255).round(3)
+    for (dataset, model, eps255), group in cells.groupby(["dataset", "model", "eps255"], sort=True):
+        first = group.iloc[0]
+        print(f"\n### {dataset} — {model} — ε = {eps255:g}/255\n")
+        print(f"Clean: Rank-1 {fmt(first.clean_rank1)}, mAP {fmt(first.clean_mAP)} (split {first.split_hash}).\n")
+        print("| attack | threat model | ε (/255) | Rank-1 | mAP | re-ranked R-1 | re-ranked mAP | L∞ used | flags | papers (Market-1501) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for row in group.sort_values(["threat_model", "attack"]).itertuples():
+            eps = "–" if row.eps is None else f"{row.eps * 255:g}"
+            linf = "–" if row.linf is None else f"{row.linf * 255:.2f}/255"
+            name = row.attack.rsplit("-eps", 1)[0]
+            print(f"| {row.attack} | {row.threat_model} | {eps} | {fmt(row.rank1)} | {fmt(row.mAP)} | {fmt(row.rr_rank1)} | "
+                  f"{fmt(row.rr_mAP)} | {linf} | {row.flags or ''} | {PAPERS.get(name, '–')} |")
+        for label, subset in (("white-box", group[group.threat_model == "white-box"]), ("every attack", group)):
+            worst = worst_case(subset)
+            print(f"\nWorst case per query over {label} ({worst['attacks']} cells): "
+                  f"Rank-1 {fmt(worst['rank1'])}, mAP {fmt(worst['mAP'])}.")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "results")
