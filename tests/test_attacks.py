@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from reidbench.attack import AttackContext, TrainView, build_attack
+from reidbench.attack import build_attack
 from reidbench.errors import ReIDBenchError
-from reidbench.features import embed, extract_features
-from reidbench.metrics import evaluate_rank, pairwise_distance
+from reidbench.features import embed
 from reidbench.registry import ATTACKS
+
+from attack_setup import mean_ap, white_box_context
 
 EPS, STEP, ITERS = 5 / 255, 1 / 255, 15
 
@@ -14,31 +15,15 @@ EPS, STEP, ITERS = 5 / 255, 1 / 255, 15
 # tiny baseline (trained for seconds) is not far above chance: for them the fast test checks
 # the feature moved far from the clean one; the slow test checks mAP on the real default.
 IDENTITY_FREE = {"sma", "odfa", "lta"}
-
-
-def context(model, split):
-    size = tuple(model.input_size)
-    return AttackContext(
-        query_pids=split.query.pids, query_camids=split.query.camids,
-        query_feats=extract_features(model, split.query, size, progress=False),
-        gallery_feats=extract_features(model, split.gallery, size, progress=False),
-        gallery_pids=split.gallery.pids, gallery_camids=split.gallery.camids,
-        train=TrainView(split.train, size),
-    )
-
-
-def mean_ap(model, queries, ctx, split):
-    with torch.no_grad():
-        feats = embed(model, queries)
-    result = evaluate_rank(pairwise_distance(feats, ctx.gallery_feats), split.query.pids, split.gallery.pids,
-                           split.query.camids, split.gallery.camids)
-    return float(result.mAP)
+# One perturbation for every query is weaker by design (Moosavi-Dezfooli et al. 2017): on the
+# tiny model it must lower mAP; its strength is checked in tests/test_learned_attacks.py.
+UNIVERSAL = {"uap"}
 
 
 @pytest.fixture(scope="module")
 def setting(tiny_model, tiny_split):
     queries = tiny_split.query.load(None, tuple(tiny_model.input_size))
-    return tiny_model, tiny_split, queries, context(tiny_model, tiny_split)
+    return tiny_model, tiny_split, queries, white_box_context(tiny_model, tiny_split)
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
@@ -57,8 +42,8 @@ def test_white_box_attacks_stay_in_the_ball_are_seeded_and_lower_map(setting, na
             cosine = (embed(model, adv) * ctx.query_feats).sum(1).mean()
         assert cosine < 0.5, float(cosine)
     else:
-        clean, attacked = mean_ap(model, queries, ctx, split), mean_ap(model, adv, ctx, split)
-        assert attacked < 0.7 * clean, (clean, attacked)
+        clean, attacked = mean_ap(model, queries, ctx), mean_ap(model, adv, ctx)
+        assert attacked < (clean if name in UNIVERSAL else 0.7 * clean), (clean, attacked)
 
 
 def test_gradients_reach_the_input_through_a_differentiable_transform(setting):

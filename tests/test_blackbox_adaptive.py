@@ -9,39 +9,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reidbench.attack import AttackContext, RankOracle, SurrogateView, build_attack
+from reidbench.attack import RankOracle, SurrogateView, build_attack
 from reidbench.defense import BPDA, DefendedModel, Defense
 from reidbench.errors import ReIDBenchError
-from reidbench.features import embed, extract_features
-from reidbench.metrics import evaluate_rank, pairwise_distance
+
+from attack_setup import mean_ap, white_box_context
 
 
 EPS, STEP = 5 / 255, 1 / 255
-
-
-def context(model, split, index):
-    """What the white-box protocol grants, restricted to the queries at ``index``."""
-    size = tuple(model.input_size)
-    return AttackContext(
-        query_pids=split.query.pids, query_camids=split.query.camids,
-        query_feats=extract_features(model, split.query, size, progress=False),
-        gallery_feats=extract_features(model, split.gallery, size, progress=False),
-        gallery_pids=split.gallery.pids, gallery_camids=split.gallery.camids,
-    ).batch(index)
-
-
-def mean_ap(model, images, ctx):
-    with torch.no_grad():
-        feats = embed(model, images)
-    return float(evaluate_rank(pairwise_distance(feats, ctx.gallery_feats), ctx.query_pids, ctx.gallery_pids,
-                               ctx.query_camids, ctx.gallery_camids).mAP)
 
 
 @pytest.fixture(scope="module")
 def setting(tiny_model, tiny_split):
     index = torch.arange(8)
     queries = tiny_split.query.load(index, tuple(tiny_model.input_size))
-    return tiny_model, tiny_split, index, queries, context(tiny_model, tiny_split, index)
+    return tiny_model, tiny_split, index, queries, white_box_context(tiny_model, tiny_split, index)
 
 
 def in_ball(adv, queries):
@@ -149,7 +131,7 @@ def expected_map(defended, images, ctx, draws=4):
 def test_eot_does_at_least_as_well_as_the_plain_attack_on_a_stochastic_transform(setting):
     model, split, index, queries, _ = setting
     defended = DefendedModel(model.model, Randomized()).eval()
-    ctx = context(defended, split, index)
+    ctx = white_box_context(defended, split, index)
     plain = build_attack("m-ifgsm", eps=EPS, step=STEP, iterations=4)(defended, queries, ctx)
     eot = build_attack("eot", eps=EPS, step=STEP, iterations=4, eot_samples=4)(defended, queries, ctx)
     assert in_ball(eot, queries)
@@ -193,7 +175,7 @@ def test_bpda_is_the_transform_forward_and_the_surrogate_backward():
 def test_bpda_breaks_quantisation_where_the_plain_attack_is_useless(setting):
     model, split, index, queries, _ = setting
     defended = DefendedModel(model.model, Quantized()).eval()
-    ctx = context(defended, split, index)
+    ctx = white_box_context(defended, split, index)
     plain = build_attack("m-ifgsm", eps=EPS, step=STEP, iterations=4)(defended, queries, ctx)
     assert torch.equal(plain, queries)  # a zero gradient moves nothing
     adv = build_attack("bpda", eps=EPS, step=STEP, iterations=4)(defended, queries, ctx)
