@@ -86,7 +86,7 @@ _CLOTHING = np.array([
     (0.88, 0.52, 0.62),  # pink
     (0.42, 0.23, 0.52),  # purple
 ])
-_CLOTHING_FREQ = np.array([5, 3, 3, 3, 2, 2, 1.5, 1.5, 1.5, 1, 1, 1])
+_CLOTHING_FREQ = np.array([3, 2.5, 2.5, 2.5, 2, 2, 1.5, 1.5, 1.5, 1.5, 1.5, 1.5])
 _SHOES = np.array([(0.08, 0.08, 0.08), (0.85, 0.85, 0.85), (0.35, 0.22, 0.12), (0.45, 0.45, 0.47)])
 _SKIN = np.array([(0.96, 0.80, 0.69), (0.89, 0.69, 0.55), (0.76, 0.57, 0.42), (0.55, 0.38, 0.26),
                   (0.36, 0.24, 0.16)])
@@ -110,23 +110,26 @@ class SyntheticConfig:
     # Std of the per-identity shift of each palette colour, so look-alikes are not exact twins.
     colour_jitter: float = 0.03
     # Std of the log per-channel gain of a camera.
-    colour_cast: float = 0.12
-    brightness: tuple[float, float] = (0.7, 1.15)
-    contrast: tuple[float, float] = (0.75, 1.05)
+    colour_cast: float = 0.08
+    brightness: tuple[float, float] = (0.75, 1.15)
+    contrast: tuple[float, float] = (0.8, 1.05)
     # Gaussian blur sigma as a fraction of the image height.
-    blur: tuple[float, float] = (0.0, 0.012)
+    blur: tuple[float, float] = (0.0, 0.01)
     # Effective resolution as a fraction of the stored one.
-    resolution: tuple[float, float] = (0.55, 1.0)
-    # Dirichlet concentration of a camera's (front, back, side) viewpoint distribution.
-    view_concentration: float = 1.5
+    resolution: tuple[float, float] = (0.7, 1.0)
+    # Average share of (front, back, side) views over the cameras, and the Dirichlet
+    # concentration around it of each camera's own viewpoint distribution (lower: cameras
+    # specialise in one viewpoint, so cross-camera matching becomes cross-view matching).
+    views: tuple[float, float, float] = (0.4, 0.4, 0.2)
+    view_concentration: float = 4.0
     # Mean probability that an occluder hides part of the person (varies by camera).
-    occlusion: float = 0.25
+    occlusion: float = 0.15
     # Sensor noise std range (in [0, 1] intensity units) across cameras.
-    noise: tuple[float, float] = (0.01, 0.035)
+    noise: tuple[float, float] = (0.01, 0.03)
     # Per-image multiplicative light flicker std.
-    flicker: float = 0.06
+    flicker: float = 0.05
     # Background shapes per image.
-    clutter: tuple[int, int] = (2, 6)
+    clutter: tuple[int, int] = (2, 5)
     # Person height as a fraction of the image height, and horizontal offset as a fraction of the width.
     person_scale: tuple[float, float] = (0.78, 0.93)
     shift: float = 0.08
@@ -139,6 +142,10 @@ class SyntheticConfig:
             object.__setattr__(self, name, tuple(value))
             if len(value) != 2 or value[0] > value[1]:
                 raise ReIDBenchError(f"synthetic option '{name}' must be a (low, high) pair, got {value!r}")
+        object.__setattr__(self, "views", tuple(self.views))
+        if len(self.views) != 3 or min(self.views) <= 0 or self.view_concentration <= 0:
+            raise ReIDBenchError(f"synthetic 'views' must be three positive (front, back, side) shares and "
+                                 f"'view_concentration' positive, got {self.views!r}, {self.view_concentration!r}")
         if self.num_train_ids < 1 or self.num_test_ids < 1:
             raise ReIDBenchError("synthetic dataset needs at least one train and one test identity")
         if not (2 <= self.cameras_per_id[0] and self.cameras_per_id[1] <= self.num_cameras):
@@ -274,7 +281,8 @@ def sample_camera(rng: np.random.Generator, cfg: SyntheticConfig) -> Camera:
     contrast = float(rng.uniform(*cfg.contrast))
     blur = float(rng.uniform(*cfg.blur))
     resolution = float(rng.uniform(*cfg.resolution))
-    view_probs = rng.dirichlet(np.full(3, cfg.view_concentration))
+    views = np.asarray(cfg.views, dtype=np.float64)
+    view_probs = rng.dirichlet(3 * cfg.view_concentration * views / views.sum())
     # Muted colours: walls and pavements are rarely saturated.
     palette = 0.6 * rng.uniform(0.1, 0.9, (4, 3)) + 0.4 * rng.uniform(0.3, 0.7, (4, 1))
     occlusion = float(np.clip(cfg.occlusion * rng.uniform(0.4, 1.6), 0.0, 1.0))
@@ -393,7 +401,7 @@ def _draw_person(canvas: _Canvas, person: Identity, height: int, width: int, nui
         canvas.paint(canvas.box(head_x, top + 0.13 * u, head_rx * 1.2, 0.09 * u, 0.03 * u), person.hair)
 
     # Legs, from hip to ankle, spread by the stance.
-    leg_r = 0.045 * u * b
+    leg_r = 0.05 * u * b
     knee = top + 0.72 * u
     ankle = top + 0.95 * u
     if side:
