@@ -2,3 +2,4 @@
 ``reidbench.registry.DEFENSES``; add a module here and import it below to add one."""
 
 from . import baseline  # noqa: F401
+from . import adversarial, input_baselines, jad  # noqa: F401

@@ -81,6 +81,9 @@ def cmd_train(args) -> int:
         entry = matches[0] if matches else ZooEntry(
             id=f"{args.backbone or 'resnet18'}-{args.dataset}-{args.defense}", backbone=args.backbone or "resnet18",
             dataset={"name": args.dataset}, defense={"name": args.defense})
+    if "from" in entry.weights:
+        log(f"{entry.id} uses the weights of {entry.weights['from']}; training that")
+        entry = get_entry(zoo, entry.weights["from"])
     if args.epochs:
         entry.recipe = {**entry.recipe, "epochs": args.epochs}
     split = build_dataset(entry.dataset_name, **entry.dataset_options)

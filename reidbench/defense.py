@@ -62,6 +62,12 @@ class Defense:
                 f"but dataset '{split.name}' is {kind} data"
             )
 
+    @property
+    def changes_training(self) -> bool:
+        """False when the defense trains exactly as the baseline (an inference transform only)."""
+        cls = type(self)
+        return cls.training_batch is not Defense.training_batch or cls.training_loss is not Defense.training_loss
+
     def describe(self) -> dict:
         return {"name": self.registry_name, **self.params}
 

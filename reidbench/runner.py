@@ -102,9 +102,10 @@ class Runner:
         if key in self._bundles:
             return self._bundles[key]
         train_split = self.split_for(entry.dataset)
-        weights = obtain_weights(entry, train_split, self.train_missing, self.device, self.progress)
+        weights = obtain_weights(entry, train_split, self.train_missing, self.device, self.progress, zoo=self.zoo)
         model = build_model(entry.model_spec(), num_classes=0)
-        load_weights(model, weights, entry.id)
+        trained_by = self.zoo.get(entry.weights.get("from"), entry)
+        load_weights(model, weights, entry.id, recipe_key=trained_by.recipe_key())
         defended = DefendedModel(model, build_defense(entry.defense)).to(self.device).eval()
         split = self.split_for(dataset or entry.dataset, tuple(model.input_size))
         bundle = ModelBundle(entry, defended, split, sha256_file(weights))

@@ -34,7 +34,9 @@ _ENTRY_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "suite": ((list,), False),
     "description": ((str,), False),
 }
-_WEIGHTS_FIELDS = {"path": (str,), "repo": (str,), "file": (str,), "revision": (str,), "sha256": (str,)}
+# ``from``: the weights of another entry, for a defense that only adds an inference-time
+# transform to the same trained model (cs, rrp, jpeg on top of the baseline).
+_WEIGHTS_FIELDS = {"path": (str,), "repo": (str,), "file": (str,), "revision": (str,), "sha256": (str,), "from": (str,)}
 
 
 @dataclass
@@ -136,7 +138,28 @@ def load_zoo(path: Optional[str | Path] = None) -> dict[str, ZooEntry]:
         if entry.id in entries:
             raise ReIDBenchError(f"{path.name}: model id '{entry.id}' appears twice")
         entries[entry.id] = entry
+    for entry in entries.values():
+        base = entry.weights.get("from")
+        if base is not None:
+            if base not in entries:
+                raise ReIDBenchError(f"{path.name}: entry '{entry.id}': weights.from names no zoo entry ('{base}')")
+            _check_shared_weights(entry, entries[base])
     return entries
+
+
+def _check_shared_weights(entry: ZooEntry, base: ZooEntry) -> None:
+    """An entry may reuse another's trained weights only if it is that very model behind an
+    inference-time transform: same backbone, model, dataset, and a defense that trains as is."""
+    from .defense import build_defense
+
+    where = f"entry '{entry.id}': weights.from '{base.id}'"
+    if "from" in base.weights:
+        raise ReIDBenchError(f"{where} itself borrows its weights; name the entry that trains them")
+    for name in ("backbone", "model", "dataset"):
+        if getattr(entry, name) != getattr(base, name):
+            raise ReIDBenchError(f"{where} has another {name}; only the defense may differ")
+    if build_defense(entry.defense).changes_training:
+        raise ReIDBenchError(f"{where}: defense '{entry.defense['name']}' changes training, so it needs its own weights")
 
 
 def get_entry(zoo: dict[str, ZooEntry], model_id: str) -> ZooEntry:
@@ -195,9 +218,13 @@ def existing_weights(entry: ZooEntry, zoo_dir: Path = DEFAULT_ZOO.parent) -> Opt
     return trained if trained.is_file() else None
 
 
-def load_weights(model: torch.nn.Module, path: Path, entry_id: str) -> None:
-    """Load embedding weights (the training-time classifier is not part of the deployed model)."""
+def load_weights(model: torch.nn.Module, path: Path, entry_id: str, recipe_key: Optional[str] = None) -> None:
+    """Load embedding weights (the training-time classifier is not part of the deployed model).
+    With ``recipe_key``, a checkpoint written by our training loop must carry that key: weights
+    trained from another recipe than the zoo entry's would be reported under the wrong name."""
     if path.suffix == ".safetensors":
+        if recipe_key is not None:
+            _check_recipe_key(path, entry_id, recipe_key)
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -211,6 +238,20 @@ def load_weights(model: torch.nn.Module, path: Path, entry_id: str) -> None:
             f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]}): "
             "the checkpoint's recipe does not match its zoo entry"
         )
+
+
+def _check_recipe_key(path: Path, entry_id: str, expected: str) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "recipe_key" not in metadata:  # not written by reidbench's loop (e.g. converted weights)
+        return
+    actual = json.loads(metadata["recipe_key"])
+    if actual != expected:
+        raise ReIDBenchError(
+            f"weights {path.name} were trained with recipe {actual}, but zoo entry '{entry_id}' is recipe {expected}: "
+            "the checkpoint's recipe does not match its zoo entry (retrain it or restore the entry)")
 
 
 def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = True) -> Path:
@@ -232,7 +273,13 @@ def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = Tr
     return result.weights
 
 
-def obtain_weights(entry: ZooEntry, split, train_missing: bool = True, device: str = "cpu", progress: bool = True) -> Path:
+def obtain_weights(entry: ZooEntry, split, train_missing: bool = True, device: str = "cpu", progress: bool = True,
+                   zoo: Optional[dict[str, ZooEntry]] = None) -> Path:
+    """The entry's weights: pinned, cached, borrowed (``weights.from``) or trained now."""
+    if "from" in entry.weights:
+        if zoo is None or entry.weights["from"] not in zoo:
+            raise ReIDBenchError(f"entry '{entry.id}' borrows the weights of '{entry.weights['from']}', which is not in the zoo")
+        return obtain_weights(zoo[entry.weights["from"]], split, train_missing, device, progress)
     path = existing_weights(entry)
     if path is not None:
         return path

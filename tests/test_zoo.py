@@ -115,3 +115,44 @@ def test_torch_checkpoints_load_with_weights_only(tmp_path):
     fresh = build_model({"backbone": "resnet18"})
     load_weights(fresh, path, "m1")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+BORROWING = GOOD + """
+- id: m1-cs
+  backbone: resnet18
+  dataset: {name: synthetic, preset: tiny}
+  defense: {name: cs}
+  weights: {from: m1}
+"""
+
+
+def test_inference_only_defenses_borrow_the_baselines_weights(tmp_path, monkeypatch):
+    import reidbench.zoo as zoo_module
+
+    zoo = load_zoo(write(tmp_path, BORROWING))
+    trained = []
+    monkeypatch.setattr(zoo_module, "train_entry", lambda entry, *a, **k: trained.append(entry.id) or tmp_path / "w")
+    assert zoo_module.obtain_weights(zoo["m1-cs"], split=None, zoo=zoo) == tmp_path / "w"
+    assert trained == ["m1"]
+
+
+@pytest.mark.parametrize("text, message", [
+    (BORROWING.replace("from: m1", "from: m2"), "weights.from names no zoo entry"),
+    (BORROWING.replace("{name: cs}", "{name: goat}"), "changes training, so it needs its own weights"),
+    (BORROWING.replace("backbone: resnet18\n  dataset: {name: synthetic, preset: tiny}\n  defense: {name: cs}",
+                       "backbone: resnet34\n  dataset: {name: synthetic, preset: tiny}\n  defense: {name: cs}"),
+     "has another backbone"),
+])
+def test_bad_weight_borrowing_is_one_line(tmp_path, text, message):
+    with pytest.raises(ReIDBenchError, match=message):
+        load_zoo(write(tmp_path, text))
+
+
+def test_a_checkpoint_from_another_recipe_is_refused(tmp_path):
+    model = build_model({"backbone": "resnet18"})
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"recipe_key": '"aaaaaaaaaaaa"'})
+    load_weights(model, path, "m1", recipe_key="aaaaaaaaaaaa")
+    with pytest.raises(ReIDBenchError, match="recipe does not match its zoo entry"):
+        load_weights(model, path, "m1", recipe_key="bbbbbbbbbbbb")

@@ -1,0 +1,208 @@
+"""The defense suite: registration, transforms, training through the shared loop, adaptive attacks."""
+
+import pytest
+import torch
+
+import defenses  # noqa: F401  (registers every defense)
+from defenses.adversarial import BatchGuidedPGD
+from defenses.jad import ProactiveTransform, augmentation_policy, channel_fusion, grayscale, sketch
+from defenses.transforms import CircuitousScaling, JPEGCompression, RandomResizePad
+from reidbench.attack import AttackContext, build_attack
+from reidbench.defense import DefendedModel, build_defense
+from reidbench.errors import ReIDBenchError
+from reidbench.registry import DEFENSES
+
+ALL = ["none", "at", "goat", "goat-sma", "goat-fna", "jad", "jad-proactive", "cs", "rrp", "jpeg"]
+TRAINING = ["at", "goat", "goat-sma", "goat-fna", "jad", "jad-proactive"]
+
+
+def batch(seed=0, b=8, h=64, w=32):
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_every_defense_is_registered():
+    assert set(ALL) <= set(DEFENSES.names())
+
+
+@pytest.mark.parametrize("transform", [
+    lambda x, g: grayscale(x).expand(-1, 3, -1, -1),
+    lambda x, g: sketch(x).expand(-1, 3, -1, -1),
+    lambda x, g: channel_fusion(x, grayscale(x), g),
+    lambda x, g: channel_fusion(x, sketch(x), g),
+    augmentation_policy,
+    ProactiveTransform(),
+    ProactiveTransform(gray=0.2, fusion_gray=0.2, fusion_sketch=0.2, policy=0.2, local=0.2),
+], ids=["gray", "sketch", "fusion-gray", "fusion-sketch", "policy", "jad", "jad-every-branch"])
+def test_proactive_transforms_keep_shape_and_range_and_are_seeded(transform):
+    x = batch()
+    a = transform(x, torch.Generator().manual_seed(3))
+    b = transform(x, torch.Generator().manual_seed(3))
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+
+
+def test_jad_changes_about_a_quarter_of_the_images():
+    x = batch(b=400, h=16, w=8)
+    out = ProactiveTransform()(x, torch.Generator().manual_seed(0))
+    changed = (out - x).abs().flatten(1).amax(1) > 0
+    # 25% are drawn to change; a policy draw may leave an image as is.
+    assert 0.15 < changed.float().mean() < 0.32
+
+
+def test_channel_fusion_takes_its_channels_from_rgb_and_the_other():
+    x = batch(b=64)
+    other = torch.full_like(x[:, :1], 0.5)
+    out = channel_fusion(x, other, torch.Generator().manual_seed(0))
+    for i in range(len(x)):
+        for c in range(3):
+            assert any(torch.equal(out[i, c], src) for src in (x[i, 0], x[i, 1], x[i, 2], other[i, 0]))
+    # One of five pool channels per slot: most images have at least one X channel.
+    has_other = (out == 0.5).flatten(2).all(-1).any(-1)
+    assert 0.75 < has_other.float().mean() <= 1.0
+
+
+def test_circuitous_scaling_is_differentiable_with_a_nonzero_gradient():
+    x = batch().requires_grad_(True)
+    scaling = CircuitousScaling()
+    assert scaling.steps_for(256, 128) == [(110, 50), (220, 100), (110, 50)]
+    assert scaling.steps_for(64, 32) == [(28, 12), (55, 25), (28, 12)]
+    y = scaling(x)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    (grad,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
+    assert grad.abs().sum() > 0
+    # It removes high frequencies: a checkerboard perturbation is mostly washed out.
+    checker = ((torch.arange(64).view(-1, 1) + torch.arange(32).view(1, -1)) % 2).float() * 2 - 1
+    delta = 4 / 255 * checker.expand(1, 3, 64, 32)
+    clean = torch.full((1, 3, 64, 32), 0.5)
+    assert (scaling(clean + delta) - scaling(clean)).abs().max() < 0.5 * delta.abs().max()
+
+
+def test_rrp_draws_and_jpeg_reencodes():
+    x = batch()
+    rrp = RandomResizePad(generator=torch.Generator().manual_seed(0))
+    shapes = {tuple(rrp(x).shape) for _ in range(5)}
+    assert shapes == {(8, 3, 71, 35)}
+    outputs = [rrp(x) for _ in range(6)]
+    assert any(not torch.equal(outputs[0], other) for other in outputs[1:])
+    jpeg = JPEGCompression(quality=75)
+    y = jpeg(x)
+    assert y.shape == x.shape and 0 < (y - x).abs().mean() < 0.3
+    assert torch.equal(jpeg(x), y)
+
+
+def test_defense_flags_drive_the_adaptive_protocol():
+    assert build_defense("rrp").stochastic and build_defense("rrp").differentiable
+    assert not build_defense("jpeg").differentiable
+    assert build_defense("cs").input_transform() is not None and not build_defense("cs").stochastic
+    assert build_defense("jad-proactive").input_transform() is None
+    for name in ("cs", "rrp", "jpeg", "none"):
+        assert not build_defense(name).changes_training, name
+    for name in TRAINING:
+        assert build_defense(name).changes_training, name
+
+
+def test_bpda_gets_gradients_through_jpeg(tiny_model):
+    model = DefendedModel(tiny_model.model, build_defense("jpeg")).eval()
+    x = batch(b=4).requires_grad_(True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(model(x).sum(), x)  # the real transform has no gradient
+    (grad,) = torch.autograd.grad(model.with_bpda()(x).pow(2).sum(), x)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("guides", ["intra", "sma", "fna"])
+def test_inner_attack_respects_eps_and_raises_its_loss(tiny_model, guides):
+    model = tiny_model.model.eval()
+    x = batch(b=8)
+    pids = torch.arange(4).repeat_interleave(2)
+    attack = BatchGuidedPGD(5 / 255, 1 / 255, 5, guides=guides)
+    from reidbench.features import embed
+
+    with torch.no_grad():
+        feats = embed(model, x)
+    ctx = AttackContext(query_pids=pids, query_camids=pids * 0, query_feats=feats, gallery_feats=feats,
+                        gallery_pids=pids, gallery_camids=pids * 0, generator=torch.Generator().manual_seed(0))
+    adv = attack(model, x, ctx)
+    assert (adv - x).abs().max() <= 5 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    prepared = attack.prepare(model, x, ctx)
+    with torch.no_grad():
+        before = attack.loss(embed(model, x), prepared).mean()
+        after = attack.loss(embed(model, adv), prepared).mean()
+    assert after > before
+
+
+def test_normalized_eps_reproduces_the_reference_budget(tiny_model):
+    model = tiny_model.model
+    defense = build_defense({"name": "goat-sma", "eps_space": "normalized"})
+    x = batch(b=8)
+    out = defense.training_batch(model, x, torch.arange(4).repeat_interleave(2), torch.Generator().manual_seed(0))
+    per_channel = (out - x).abs().amax(dim=(0, 2, 3))
+    assert torch.allclose(per_channel, 5 / 255 * model.std.view(3), atol=1e-6)
+
+
+def test_inner_attack_leaves_batch_norm_statistics_alone_by_default(tiny_model):
+    import copy
+
+    model = copy.deepcopy(tiny_model.model)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    x, pids = batch(b=8), torch.arange(4).repeat_interleave(2)
+    build_defense("goat").training_batch(model, x, pids, torch.Generator().manual_seed(0))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" in k)
+    build_defense({"name": "goat", "bn_mode": "train"}).training_batch(model, x, pids, torch.Generator().manual_seed(0))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if "running_mean" in k)
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_each_defense_trains_a_few_steps_and_lowers_its_loss(name, tiny_split, tmp_path):
+    from reidbench.models import build_model
+    from reidbench.train import Recipe, train_model
+
+    torch.manual_seed(0)
+    model = build_model({"backbone": "resnet10t", "input_size": [32, 16]}, num_classes=tiny_split.num_train_ids)
+    recipe = Recipe(epochs=4, p=8, k=4, lr=1e-3, warmup_epochs=0, iters_per_epoch=3, random_erasing=0.0,
+                    schedule="cosine")
+    overrides = {"iterations": 2} if name in ("at", "goat", "goat-sma", "goat-fna") else {}
+    result = train_model(model, tiny_split.train, recipe, tmp_path / name, defense=build_defense({"name": name, **overrides}),
+                         progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0], losses
+
+
+def test_eot_does_at_least_as_well_as_the_plain_attack_on_rrp(tiny_model, tiny_split):
+    from reidbench.features import embed, extract_features
+    from reidbench.metrics import evaluate_rank, pairwise_distance
+
+    defended = DefendedModel(tiny_model.model, build_defense("rrp"),
+                             RandomResizePad(generator=torch.Generator().manual_seed(0))).eval()
+    queries = tiny_split.query.materialize((64, 32))
+    gallery = tiny_split.gallery.materialize((64, 32))
+    x = queries.images.float() / 255
+    gallery_feats = extract_features(defended, gallery, progress=False)
+    ctx = AttackContext(query_pids=queries.pids, query_camids=queries.camids, query_feats=embed(defended, x).detach(),
+                        gallery_feats=gallery_feats, gallery_pids=gallery.pids, gallery_camids=gallery.camids)
+
+    def mean_ap(adv):
+        torch.manual_seed(123)  # the same transform draws for both evaluations
+        with torch.no_grad():
+            feats = torch.stack([embed(defended, adv) for _ in range(4)]).mean(0)
+        return evaluate_rank(pairwise_distance(feats, gallery_feats), queries.pids, gallery.pids,
+                             queries.camids, gallery.camids).mAP
+
+    plain = build_attack("m-ifgsm", 5 / 255, 1 / 255, 10)
+    eot = build_attack("m-ifgsm", 5 / 255, 1 / 255, 10, eot_samples=8)
+    assert mean_ap(eot(defended, x, ctx)) <= mean_ap(plain(defended, x, ctx)) + 0.01
+
+
+def test_bad_defense_parameters_are_one_line_errors():
+    with pytest.raises(ReIDBenchError, match="adversarial_share"):
+        build_defense({"name": "at", "adversarial_share": 0})
+    with pytest.raises(ReIDBenchError, match="eps_space"):
+        build_defense({"name": "goat", "eps_space": "latent"})
+    with pytest.raises(ReIDBenchError, match="bad parameters"):
+        build_defense({"name": "jad", "colour": 1})
+    with pytest.raises(ReIDBenchError, match="sum to at most 1"):
+        build_defense({"name": "jad", "gray": 0.9, "local": 0.5})
+    with pytest.raises(ReIDBenchError, match="quality"):
+        build_defense({"name": "jpeg", "quality": 0})
+    with pytest.raises(ReIDBenchError, match="did you mean 'goat'"):
+        build_defense("gaot")
