@@ -110,22 +110,22 @@ class SyntheticConfig:
     # Std of the per-identity shift of each palette colour, so look-alikes are not exact twins.
     colour_jitter: float = 0.03
     # Std of the log per-channel gain of a camera.
-    colour_cast: float = 0.08
-    brightness: tuple[float, float] = (0.75, 1.15)
-    contrast: tuple[float, float] = (0.8, 1.05)
+    colour_cast: float = 0.04
+    brightness: tuple[float, float] = (0.85, 1.1)
+    contrast: tuple[float, float] = (0.9, 1.05)
     # Gaussian blur sigma as a fraction of the image height.
     blur: tuple[float, float] = (0.0, 0.01)
     # Effective resolution as a fraction of the stored one.
-    resolution: tuple[float, float] = (0.7, 1.0)
+    resolution: tuple[float, float] = (0.85, 1.0)
     # Average share of (front, back, side) views over the cameras, and the Dirichlet
     # concentration around it of each camera's own viewpoint distribution (lower: cameras
     # specialise in one viewpoint, so cross-camera matching becomes cross-view matching).
     views: tuple[float, float, float] = (0.4, 0.4, 0.2)
     view_concentration: float = 4.0
     # Mean probability that an occluder hides part of the person (varies by camera).
-    occlusion: float = 0.15
+    occlusion: float = 0.08
     # Sensor noise std range (in [0, 1] intensity units) across cameras.
-    noise: tuple[float, float] = (0.01, 0.03)
+    noise: tuple[float, float] = (0.005, 0.015)
     # Per-image multiplicative light flicker std.
     flicker: float = 0.05
     # Background shapes per image.
