@@ -115,6 +115,9 @@ class Runner:
     def clean_features(self, bundle: ModelBundle) -> dict:
         if not bundle.features:
             size = tuple(bundle.model.input_size)
+            # A stochastic defense transform draws from the global RNG: seed it so that clean
+            # features, hence every cell's clean metrics, are the same on every run.
+            torch.manual_seed(self.protocol.seed)
             for part in ("query", "gallery"):
                 bundle.features[part] = extract_features(
                     bundle.model, getattr(bundle.split, part), size, self.batch_size, self.protocol.normalize,
@@ -245,6 +248,7 @@ class Runner:
                 batch_ctx = ctx.batch(index)
                 # One generator per batch, seeded from its position: results do not depend on batch order.
                 batch_ctx.generator = torch.Generator().manual_seed(attack.seed * 1_000_003 + start)
+                torch.manual_seed(attack.seed * 1_000_003 + start)  # the defense transform's draws, likewise
                 if "oracle" in attack.needs:
                     batch_ctx.oracle = RankOracle(model, ctx.gallery_feats, q.get("top_k", 10), q.get("budget", 500),
                                                   len(index), self.protocol.normalize)

@@ -49,3 +49,29 @@ def test_leaderboard_is_a_pure_function_and_escapes_html(tmp_path):
     assert first == second
     assert b"<script>alert(1)</script>" not in first and b"&lt;script&gt;" in first
     assert b"90.0" in first and b"5.0" in first
+
+
+def test_defended_entries_borrow_weights_get_eot_and_reproduce(tiny_zoo_file, tiny_model, tmp_path):
+    """An inference-only defense runs on the baseline's weights; against its stochastic
+    transform the white-box attack is averaged over draws (EOT); two forced runs agree."""
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text(tiny_zoo_file.read_text() + """
+- id: tiny-rrp
+  backbone: resnet10t
+  dataset: {name: synthetic, preset: tiny}
+  defense: rrp
+  model: {input_size: [64, 32], last_stride: 1}
+  recipe: {epochs: 30, batch: {p: 8, k: 4}, lr: 1.0e-3, warmup_epochs: 2, random_erasing: 0.0}
+  weights: {from: tiny-none}
+""")
+    results = tmp_path / "results"
+    argv = ["run", "--model", "tiny-rrp", "--zoo", str(zoo), "--results", str(results), "--site", str(tmp_path / "site"),
+            "--device", "cpu", "--attack", "m-fgsm", "--no-rerank", "--no-train"]
+    assert main(argv) == 0  # --no-train: the borrowed weights already exist (tiny_model trained them)
+    cell = results / "v1/synthetic/tiny-rrp/m-fgsm-eps5.json"
+    first = json.loads(cell.read_text())
+    assert first["model"]["stochastic"] and first["attack"]["eot_samples"] == 10
+    assert first["model"]["weights_sha256"]
+    assert main(argv + ["--force"]) == 0
+    second = json.loads(cell.read_text())
+    assert first["clean"] == second["clean"] and first["attacked"] == second["attacked"]
