@@ -94,3 +94,25 @@ class BPDAAttack(_AdaptiveAttack):
         if model.defense.differentiable:
             return model
         return model.with_bpda()
+
+
+@ATTACKS.register("oblivious")
+class Oblivious(_AdaptiveAttack):
+    """The non-adaptive reference point: an attacker oblivious of the defense (Carlini &
+    Wagner, "Adversarial examples are not easily detected", AISec 2017, §3: the "zero-
+    knowledge" adversary). The inner attack follows the gradients of the network *without*
+    the defense's input transform; its queries are then evaluated through the transform, as
+    every cell is. Comparing it with the protocol's white-box cell (which differentiates
+    through the transform, with EOT / BPDA where needed) shows how much of a transform's
+    robustness is only obscurity. Its threat model is "oblivious", so it never enters the
+    white-box worst case. Not part of the v1 grid; run it with ``--attack oblivious``.
+    """
+
+    threat_model = "oblivious"
+    rule = "inner attack on the network without the defense's input transform"
+
+    def perturb(self, model, queries, ctx):
+        inner = build_attack(self.params["inner"], eps=self.eps, step=self.step, iterations=self.iterations,
+                             seed=self.seed)
+        bare = model.model if isinstance(model, DefendedModel) else model
+        return inner(bare, queries, ctx)

@@ -17,7 +17,7 @@ import torch
 from .errors import ReIDBenchError
 from .registry import ATTACKS
 
-THREAT_MODELS = ("white-box", "transfer", "query-based")
+THREAT_MODELS = ("white-box", "transfer", "query-based", "oblivious")
 
 
 class BudgetExceeded(ReIDBenchError):

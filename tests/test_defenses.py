@@ -206,3 +206,34 @@ def test_bad_defense_parameters_are_one_line_errors():
         build_defense({"name": "jpeg", "quality": 0})
     with pytest.raises(ReIDBenchError, match="did you mean 'goat'"):
         build_defense("gaot")
+
+
+def test_a_defense_refuses_a_dataset_it_cannot_train_on(tiny_split):
+    from reidbench.defense import Defense
+
+    class VideoOnly(Defense):
+        registry_name = "video-only"
+        data_kinds = ("video",)
+
+    with pytest.raises(ReIDBenchError, match="trains on video data, but dataset 'synthetic' is image data"):
+        VideoOnly().check_dataset(tiny_split)
+    for name in ALL:
+        build_defense(name).check_dataset(tiny_split)  # every image defense accepts the image default
+
+
+def test_oblivious_attack_ignores_the_transform_and_adaptive_differentiates_through_it(tiny_model, tiny_split):
+    from reidbench.features import embed
+
+    bare = tiny_model.model
+    defended = DefendedModel(bare, build_defense("cs")).eval()
+    queries = tiny_split.query.materialize((64, 32))
+    x = queries.images[:16].float() / 255
+    with torch.no_grad():
+        feats = embed(defended, x)
+    ctx = AttackContext(query_pids=queries.pids[:16], query_camids=queries.camids[:16], query_feats=feats,
+                        gallery_feats=feats, gallery_pids=queries.pids[:16], gallery_camids=queries.camids[:16] + 1)
+    oblivious = build_attack("oblivious", 5 / 255, 1 / 255, 3)
+    assert oblivious.threat_model == "oblivious"
+    plain_on_bare = build_attack("m-ifgsm", 5 / 255, 1 / 255, 3)(bare, x, ctx)
+    assert torch.equal(oblivious(defended, x, ctx), plain_on_bare)
+    assert not torch.equal(build_attack("m-ifgsm", 5 / 255, 1 / 255, 3)(defended, x, ctx), plain_on_bare)
