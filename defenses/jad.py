@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from reidbench.defense import Defense
 from reidbench.errors import ReIDBenchError
 from reidbench.registry import DEFENSES
+from reidbench.train.augment import random_rectangles
 
 from .transforms import CircuitousScaling
 
@@ -106,20 +107,6 @@ def augmentation_policy(images: torch.Tensor, generator: torch.Generator) -> tor
 
 def _gray_rgb(images: torch.Tensor) -> torch.Tensor:
     return grayscale(images).expand(-1, 3, -1, -1)
-
-
-def random_rectangles(b: int, h: int, w: int, generator: torch.Generator, area=(0.02, 0.4), ratio=0.3,
-                      device=None) -> torch.Tensor:
-    """(B, 1, H, W) boolean masks of one rectangle each, random-erasing style (Zhong et al.)."""
-    target = torch.empty(b).uniform_(*area, generator=generator) * h * w
-    aspect = torch.exp(torch.empty(b).uniform_(math.log(ratio), math.log(1 / ratio), generator=generator))
-    rh = (target * aspect).sqrt().round().clamp(1, h).long()
-    rw = (target / aspect).sqrt().round().clamp(1, w).long()
-    y0 = (torch.rand(b, generator=generator) * (h - rh + 1)).long()
-    x0 = (torch.rand(b, generator=generator) * (w - rw + 1)).long()
-    ys, xs = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-    mask = (ys >= y0.view(b, 1, 1)) & (ys < (y0 + rh).view(b, 1, 1)) & (xs >= x0.view(b, 1, 1)) & (xs < (x0 + rw).view(b, 1, 1))
-    return mask.unsqueeze(1).to(device)
 
 
 class ProactiveTransform:

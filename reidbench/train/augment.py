@@ -30,18 +30,10 @@ def random_pad_crop(images: torch.Tensor, pad: int, generator: torch.Generator) 
     return padded.permute(0, 2, 3, 1)[batch, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2).contiguous()
 
 
-def random_erasing(
-    images: torch.Tensor, probability: float, generator: torch.Generator,
-    area: tuple[float, float] = (0.02, 0.4), ratio: float = 0.3,
-) -> torch.Tensor:
-    """Random erasing (Zhong et al., AAAI 2020): a rectangle of random size and aspect
-    filled with the per-channel ImageNet mean, so the normalized input there is ~0."""
-    if probability <= 0:
-        return images
-    b, _, h, w = images.shape
-    out = images.clone()
-    fill = torch.tensor((0.485, 0.456, 0.406), device=images.device).view(3, 1, 1)
-    apply = torch.rand(b, generator=generator) < probability
+def random_rectangles(b: int, h: int, w: int, generator: torch.Generator, area: tuple[float, float] = (0.02, 0.4),
+                      ratio: float = 0.3, device=None) -> torch.Tensor:
+    """(B, 1, H, W) boolean masks of one rectangle each, of random area (a fraction of the
+    image in ``area``) and log-uniform aspect in [ratio, 1/ratio], as in random erasing."""
     target_area = torch.empty(b).uniform_(*area, generator=generator) * h * w
     aspect = torch.exp(torch.empty(b).uniform_(math.log(ratio), math.log(1 / ratio), generator=generator))
     eh = (target_area * aspect).sqrt().round().clamp(1, h).long()
@@ -51,5 +43,19 @@ def random_erasing(
     ys = torch.arange(h).view(1, h, 1)
     xs = torch.arange(w).view(1, 1, w)
     mask = (ys >= y0.view(b, 1, 1)) & (ys < (y0 + eh).view(b, 1, 1)) & (xs >= x0.view(b, 1, 1)) & (xs < (x0 + ew).view(b, 1, 1))
-    mask = (mask & apply.view(b, 1, 1)).unsqueeze(1).to(images.device)
-    return torch.where(mask, fill, out)
+    return mask.unsqueeze(1).to(device)
+
+
+def random_erasing(
+    images: torch.Tensor, probability: float, generator: torch.Generator,
+    area: tuple[float, float] = (0.02, 0.4), ratio: float = 0.3,
+) -> torch.Tensor:
+    """Random erasing (Zhong et al., AAAI 2020): a rectangle of random size and aspect
+    filled with the per-channel ImageNet mean, so the normalized input there is ~0."""
+    if probability <= 0:
+        return images
+    b, _, h, w = images.shape
+    fill = torch.tensor((0.485, 0.456, 0.406), device=images.device).view(3, 1, 1)
+    apply = torch.rand(b, generator=generator) < probability
+    mask = random_rectangles(b, h, w, generator, area, ratio, images.device) & apply.view(b, 1, 1, 1).to(images.device)
+    return torch.where(mask, fill, images)

@@ -1,0 +1,49 @@
+"""Markdown table of every defense under the attacks that judge it, from a result store:
+clean and attacked Rank-1 / mAP (plain and re-ranked), one row per (dataset, defense).
+
+    reidbench run --model <ids...> --attack m-ifgsm sma fna lta oblivious
+    python benchmarks/defense_table.py results [m-ifgsm sma fna lta oblivious]
+
+White-box cells go through the defense's input transform (EOT for a stochastic one, BPDA
+for a non-differentiable one): they are the adaptive numbers. ``oblivious`` runs M-I-FGSM on
+the network without the transform: the non-adaptive number.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from reidbench.leaderboard import results_table
+
+DEFAULT_ATTACKS = ["m-ifgsm", "sma", "fna", "lta", "oblivious"]
+
+
+def pct(value) -> str:
+    return "–" if value is None or value != value else f"{100 * float(value):.1f}"
+
+
+def main(root: str, attacks: list[str]) -> None:
+    cells = results_table(Path(root))
+    if cells.empty:
+        print(f"no results under {root}")
+        return
+    cells = cells[(cells["eps"] * 255 - 5).abs() < 1e-6]
+    for dataset, group in cells.groupby("dataset", sort=True):
+        print(f"\n### {dataset}, ε = 5/255 (Rank-1 / mAP; re-ranked in brackets)\n")
+        header = ["model", "defense", "clean"] + attacks
+        print("| " + " | ".join(header) + " |")
+        print("| " + " | ".join("---" for _ in header) + " |")
+        for model, rows in group.groupby("model", sort=True):
+            first = rows.iloc[0]
+            by_attack = {r.attack.rsplit("-eps", 1)[0]: r for r in rows.itertuples()}
+            clean = f"{pct(first.clean_rank1)} / {pct(first.clean_mAP)}"
+            out = [model, first.defense, clean]
+            for name in attacks:
+                r = by_attack.get(name)
+                out.append("–" if r is None else f"{pct(r.rank1)} / {pct(r.mAP)} ({pct(r.rr_rank1)} / {pct(r.rr_mAP)})")
+            print("| " + " | ".join(out) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "results", sys.argv[2:] or DEFAULT_ATTACKS)
