@@ -82,4 +82,7 @@ def test_every_white_box_attack_lowers_the_default_baselines_map(tmp_path):
     entry = runner.zoo["resnet18-synthetic-none"]
     for name in runner.protocol.attacks("white-box"):
         record = __import__("json").loads(runner.run_cell(entry, name).read_text())
-        assert record["attacked"]["mAP"] < 0.7 * record["clean"]["mAP"], (name, record["clean"], record["attacked"])
+        # A per-query attack must take a large share of the mAP; one universal δ for every
+        # query need only lower it (as in the fast test above).
+        bound = 1.0 if name in UNIVERSAL else 0.7
+        assert record["attacked"]["mAP"] < bound * record["clean"]["mAP"], (name, record["clean"], record["attacked"])
