@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
     from .data import build_dataset
     from .hardware import resolve_device
     from .progress import log
-    from .zoo import ZooEntry, get_entry, train_entry
+    from .zoo import ZooEntry, get_entry, train_entry, training_entry
 
     zoo = _zoo(args)
     if args.model:
@@ -81,9 +81,10 @@ def cmd_train(args) -> int:
         entry = matches[0] if matches else ZooEntry(
             id=f"{args.backbone or 'resnet18'}-{args.dataset}-{args.defense}", backbone=args.backbone or "resnet18",
             dataset={"name": args.dataset}, defense={"name": args.defense})
-    if "from" in entry.weights:
-        log(f"{entry.id} uses the weights of {entry.weights['from']}; training that")
-        entry = get_entry(zoo, entry.weights["from"])
+    trainer = training_entry(entry, zoo)
+    if trainer is not entry:
+        log(f"{entry.id} uses the weights of {trainer.id}; training that")
+        entry = trainer
     if args.epochs:
         entry.recipe = {**entry.recipe, "epochs": args.epochs}
     split = build_dataset(entry.dataset_name, **entry.dataset_options)

@@ -31,7 +31,7 @@ from .progress import log, progress_bar
 from .protocol import Protocol, load_protocol
 from .hardware import environment, resolve_device
 from .results import cell_path, read_cell, write_cell
-from .zoo import ZooEntry, load_weights, obtain_weights, sha256_file
+from .zoo import ZooEntry, load_weights, obtain_weights, sha256_file, training_entry
 
 
 def attack_id(name: str, eps: float) -> str:
@@ -104,8 +104,7 @@ class Runner:
         train_split = self.split_for(entry.dataset)
         weights = obtain_weights(entry, train_split, self.train_missing, self.device, self.progress, zoo=self.zoo)
         model = build_model(entry.model_spec(), num_classes=0)
-        trained_by = self.zoo.get(entry.weights.get("from"), entry)
-        load_weights(model, weights, entry.id, recipe_key=trained_by.recipe_key())
+        load_weights(model, weights, entry.id, recipe_key=training_entry(entry, self.zoo).recipe_key())
         defended = DefendedModel(model, build_defense(entry.defense)).to(self.device).eval()
         split = self.split_for(dataset or entry.dataset, tuple(model.input_size))
         bundle = ModelBundle(entry, defended, split, sha256_file(weights))
@@ -190,7 +189,7 @@ class Runner:
             "schema": 1, "input_key": key, "attack_id": attack_id(attack_name, eps),
             "protocol": {"version": self.protocol.version, "fingerprint": self.protocol.fingerprint()},
             "model": {"id": entry.id, "backbone": entry.backbone, "defense": entry.defense,
-                      "weights_sha256": bundle.weights_sha256, "recipe": entry.recipe, "model": entry.model,
+                      "weights_sha256": bundle.weights_sha256, "recipe": training_entry(entry, self.zoo).recipe, "model": entry.model,
                       "train_dataset": entry.dataset, "stochastic": bundle.model.stochastic,
                       "differentiable": bundle.model.defense.differentiable},
             "dataset": {"name": split.name, "split_hash": split.split_hash, "num_query": len(split.query),

@@ -273,13 +273,20 @@ def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = Tr
     return result.weights
 
 
+def training_entry(entry: ZooEntry, zoo: Optional[dict[str, ZooEntry]] = None) -> ZooEntry:
+    """The entry whose recipe trains ``entry``'s weights: itself, or the one it borrows from."""
+    base = entry.weights.get("from")
+    if base is None:
+        return entry
+    if zoo is None or base not in zoo:
+        raise ReIDBenchError(f"entry '{entry.id}' borrows the weights of '{base}', which is not in the zoo")
+    return zoo[base]
+
+
 def obtain_weights(entry: ZooEntry, split, train_missing: bool = True, device: str = "cpu", progress: bool = True,
                    zoo: Optional[dict[str, ZooEntry]] = None) -> Path:
     """The entry's weights: pinned, cached, borrowed (``weights.from``) or trained now."""
-    if "from" in entry.weights:
-        if zoo is None or entry.weights["from"] not in zoo:
-            raise ReIDBenchError(f"entry '{entry.id}' borrows the weights of '{entry.weights['from']}', which is not in the zoo")
-        return obtain_weights(zoo[entry.weights["from"]], split, train_missing, device, progress)
+    entry = training_entry(entry, zoo)
     path = existing_weights(entry)
     if path is not None:
         return path

@@ -61,7 +61,6 @@ def test_defended_entries_borrow_weights_get_eot_and_reproduce(tiny_zoo_file, ti
   dataset: {name: synthetic, preset: tiny}
   defense: rrp
   model: {input_size: [64, 32], last_stride: 1}
-  recipe: {epochs: 30, batch: {p: 8, k: 4}, lr: 1.0e-3, warmup_epochs: 2, random_erasing: 0.0}
   weights: {from: tiny-none}
 """)
     results = tmp_path / "results"
@@ -72,6 +71,7 @@ def test_defended_entries_borrow_weights_get_eot_and_reproduce(tiny_zoo_file, ti
     first = json.loads(cell.read_text())
     assert first["model"]["stochastic"] and first["attack"]["eot_samples"] == 10
     assert first["model"]["weights_sha256"]
+    assert first["model"]["recipe"]["batch"] == {"p": 8, "k": 4}  # the recipe that trained the borrowed weights
     assert main(argv + ["--force"]) == 0
     second = json.loads(cell.read_text())
     assert first["clean"] == second["clean"] and first["attacked"] == second["attacked"]
