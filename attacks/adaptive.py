@@ -51,12 +51,14 @@ class _AdaptiveAttack(Attack):
         """The module whose gradients the inner attack follows (same forward as ``model``)."""
         raise NotImplementedError
 
+    def inner_attack(self, eot_samples: int = 1) -> Attack:
+        return build_attack(self.params["inner"], eps=self.eps, step=self.step, iterations=self.iterations,
+                            seed=self.seed, eot_samples=eot_samples)
+
     def perturb(self, model, queries, ctx):
         defended = isinstance(model, DefendedModel) and model.transform is not None
         samples = self.params["eot_samples"] if defended and model.stochastic else 1
-        inner = build_attack(self.params["inner"], eps=self.eps, step=self.step, iterations=self.iterations,
-                             seed=self.seed, eot_samples=samples)
-        return inner(self.adapt(model) if defended else model, queries, ctx)
+        return self.inner_attack(samples)(self.adapt(model) if defended else model, queries, ctx)
 
 
 @ATTACKS.register("eot")
@@ -112,7 +114,5 @@ class Oblivious(_AdaptiveAttack):
     rule = "inner attack on the network without the defense's input transform"
 
     def perturb(self, model, queries, ctx):
-        inner = build_attack(self.params["inner"], eps=self.eps, step=self.step, iterations=self.iterations,
-                             seed=self.seed)
         bare = model.model if isinstance(model, DefendedModel) else model
-        return inner(bare, queries, ctx)
+        return self.inner_attack()(bare, queries, ctx)
