@@ -25,7 +25,7 @@ from .data.split import ReIDSplit
 from .defense import DefendedModel, build_defense
 from .errors import ReIDBenchError
 from .features import embed, extract_features
-from .metrics import evaluate_rank, k_reciprocal_rerank, pairwise_distance
+from .metrics import evaluate_rank, identity_spread, k_reciprocal_rerank, pairwise_distance
 from .models import build_model
 from .progress import log, progress_bar
 from .protocol import Protocol, load_protocol
@@ -55,7 +55,8 @@ def rank_metrics(distmat: torch.Tensor, split: ReIDSplit, protocol: Protocol):
     cmc = result.cmc
     summary = {"rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)]),
                "rank10": float(cmc[min(9, len(cmc) - 1)]), "mAP": float(result.mAP), "mINP": float(result.mINP),
-               "num_valid_queries": int(result.num_valid)}
+               "num_valid_queries": int(result.num_valid),
+               "per_identity": identity_spread(result.per_query_first_hit, split.query.pids)}
     return summary, result
 
 

@@ -313,3 +313,17 @@ def test_cosine_distance():
 def test_distance_bad_input(a, b, kwargs, message):
     with pytest.raises(ReIDBenchError, match=message):
         pairwise_distance(a, b, **kwargs)
+
+
+def test_identity_spread_is_variance_of_per_identity_rank1():
+    from reidbench.metrics import identity_spread, per_identity_rank1
+
+    # identity 1: 2 of 2 queries hit at rank 1; identity 2: 1 of 2; identity 3: no valid query.
+    first_hit = torch.tensor([0, 0, 0, 3, -1])
+    pids = torch.tensor([1, 1, 2, 2, 3])
+    ids, acc = per_identity_rank1(first_hit, pids)
+    assert ids.tolist() == [1, 2] and acc.tolist() == [100.0, 50.0]
+    spread = identity_spread(first_hit, pids)
+    assert spread["identities"] == 2
+    assert abs(spread["rank1_var"] - 625.0) < 1e-9 and abs(spread["rank1_std"] - 25.0) < 1e-9
+    assert identity_spread(torch.tensor([-1]), torch.tensor([4]))["rank1_var"] is None

@@ -1,7 +1,8 @@
 """Evaluation metrics: distances, CMC / mAP / mINP, and k-reciprocal re-ranking."""
 
 from .distance import pairwise_distance
+from .fairness import identity_spread, per_identity_rank1
 from .rank import RankResult, evaluate_rank
 from .rerank import k_reciprocal_rerank
 
-__all__ = ["pairwise_distance", "evaluate_rank", "RankResult", "k_reciprocal_rerank"]
+__all__ = ["pairwise_distance", "identity_spread", "per_identity_rank1", "evaluate_rank", "RankResult", "k_reciprocal_rerank"]
