@@ -50,7 +50,13 @@ def cmd_run(args) -> int:
     eps_values = [e / 255.0 for e in args.eps] if args.eps else None
     if eps_values and any(not (0 < e <= 1) for e in eps_values):
         raise ReIDBenchError(f"--eps is in 1/255 units and must lie in (0, 255], got {args.eps}")
-    runner.run(entries, attacks, eps_values)
+    dataset = None
+    if args.dataset:
+        from .registry import DATASETS
+
+        DATASETS.get(args.dataset)
+        dataset = {"name": args.dataset}
+    runner.run(entries, attacks, eps_values, dataset)
     index = render_site(Path(args.results), Path(args.site) if args.site else None, runner.protocol.version)
     log(f"leaderboard: {index}")
     return 0
@@ -88,7 +94,7 @@ def cmd_train(args) -> int:
     if args.epochs:
         entry.recipe = {**entry.recipe, "epochs": args.epochs}
     split = build_dataset(entry.dataset_name, **entry.dataset_options)
-    weights = train_entry(entry, split, device=resolve_device(args.device))
+    weights = train_entry(entry, split, device=resolve_device(args.device), zoo=zoo)
     log(f"trained {entry.id}: {weights}")
     return 0
 
@@ -165,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", nargs="+", help="zoo model id(s)")
     run.add_argument("--attack", nargs="+", help="attack name(s) (default: the protocol's suite)")
     run.add_argument("--eps", nargs="+", type=float, help="budget(s) in 1/255 units (default: the protocol's primary ε)")
+    run.add_argument("--dataset", default=None, help="evaluate on this dataset instead of each model's own (cross-dataset)")
     run.add_argument("--site", default=None, help="where to render the leaderboard (default: leaderboard/site)")
     common(run)
     run.set_defaults(func=cmd_run)

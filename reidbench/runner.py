@@ -298,7 +298,10 @@ class Runner:
         return flags
 
     # --- the grid ------------------------------------------------------------------------
-    def run(self, entries: list[ZooEntry], attacks: list[str], eps_values: Optional[list[float]] = None) -> list[Path]:
+    def run(self, entries: list[ZooEntry], attacks: list[str], eps_values: Optional[list[float]] = None,
+            dataset: Optional[dict] = None) -> list[Path]:
+        """Every (entry × attack × ε) cell, on each entry's own dataset or on ``dataset``
+        (cross-dataset: train on A, test on B; the cells are filed under B)."""
         eps_values = eps_values or [self.protocol.eps]
         for name in attacks:  # fail on a bad name before any work is done
             build_attack(name, eps=eps_values[0], step=self.protocol.step, iterations=self.protocol.iterations)
@@ -306,7 +309,7 @@ class Runner:
         for entry in entries:
             for name in attacks:
                 for eps in eps_values:
-                    path = self.run_cell(entry, name, eps)
+                    path = self.run_cell(entry, name, eps, dataset)
                     if path is not None:
                         paths.append(path)
                         log(f"[green]✓[/] {entry.id} × {attack_id(name, eps)}")

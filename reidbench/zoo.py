@@ -31,6 +31,7 @@ _ENTRY_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "model": ((dict,), False),
     "recipe": ((dict,), False),
     "weights": ((dict,), False),
+    "init": ((dict,), False),
     "suite": ((list,), False),
     "description": ((str,), False),
 }
@@ -48,6 +49,9 @@ class ZooEntry:
     model: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
+    #: ``{from: ID}``: training starts from that entry's trained weights (fine-tuning); the
+    #: zoo loader adds ``recipe_key``, the base's, so retraining the base retrains this one.
+    init: dict = field(default_factory=dict)
     suite: list = field(default_factory=lambda: ["default"])
     description: str = ""
 
@@ -66,7 +70,8 @@ class ZooEntry:
         """Fingerprint of everything that decides the trained weights."""
         blob = json.dumps(
             {"backbone": self.backbone, "dataset": self.dataset, "defense": self.defense,
-             "model": self.model, "recipe": self.recipe}, sort_keys=True)
+             "model": self.model, "recipe": self.recipe, **({"init": self.init} if self.init else {})},
+            sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -106,12 +111,15 @@ def _check_entry(raw: Any, position: int, source: Path) -> ZooEntry:
     if "repo" in weights and not {"file", "revision", "sha256"} <= set(weights):
         missing = sorted({"file", "revision", "sha256"} - set(weights))
         raise ReIDBenchError(f"{where}: hub weights need a pinned {', '.join(missing)}")
+    init = raw.get("init", {})
+    if init and (set(init) != {"from"} or not isinstance(init["from"], str)):
+        raise ReIDBenchError(f"{where}: field 'init' takes exactly one string field, 'from' (a zoo entry id)")
     suite = raw.get("suite", ["default"])
     if not all(isinstance(s, str) for s in suite):
         raise ReIDBenchError(f"{where}: field 'suite' must be a list of strings")
     return ZooEntry(
         id=raw["id"], backbone=raw["backbone"], dataset=dataset, defense=defense, model=dict(raw.get("model", {})),
-        recipe=dict(raw.get("recipe", {})), weights=dict(weights), suite=list(suite),
+        recipe=dict(raw.get("recipe", {})), weights=dict(weights), init=dict(init), suite=list(suite),
         description=raw.get("description", ""),
     )
 
@@ -144,7 +152,30 @@ def load_zoo(path: Optional[str | Path] = None) -> dict[str, ZooEntry]:
             if base not in entries:
                 raise ReIDBenchError(f"{path.name}: entry '{entry.id}': weights.from names no zoo entry ('{base}')")
             _check_shared_weights(entry, entries[base])
+    for entry in entries.values():
+        _resolve_init(entry, entries, path.name, ())
     return entries
+
+
+def _resolve_init(entry: ZooEntry, entries: dict[str, ZooEntry], source: str, chain: tuple[str, ...]) -> None:
+    """Check ``init.from`` (same backbone, model and dataset, so the weights fit; no cycle) and
+    pin the base's recipe key into the entry, following chains of fine-tuned entries."""
+    if not entry.init or "recipe_key" in entry.init:
+        return
+    where = f"{source}: entry '{entry.id}': init.from"
+    if entry.id in chain:
+        raise ReIDBenchError(f"{where} makes a cycle ({' -> '.join(chain + (entry.id,))})")
+    if "from" in entry.weights:
+        raise ReIDBenchError(f"{where}: an entry that borrows its weights trains nothing, so it cannot start from others")
+    base = entries.get(entry.init["from"])
+    if base is None:
+        raise ReIDBenchError(f"{where} names no zoo entry ('{entry.init['from']}')")
+    base = training_entry(base, entries)
+    for name in ("backbone", "model", "dataset"):
+        if getattr(entry, name) != getattr(base, name):
+            raise ReIDBenchError(f"{where} '{base.id}' has another {name}; its weights would not fit")
+    _resolve_init(base, entries, source, chain + (entry.id,))
+    entry.init = {"from": base.id, "recipe_key": base.recipe_key()}
 
 
 def _check_shared_weights(entry: ZooEntry, base: ZooEntry) -> None:
@@ -155,6 +186,8 @@ def _check_shared_weights(entry: ZooEntry, base: ZooEntry) -> None:
     where = f"entry '{entry.id}': weights.from '{base.id}'"
     if "from" in base.weights:
         raise ReIDBenchError(f"{where} itself borrows its weights; name the entry that trains them")
+    if entry.recipe or entry.init:
+        raise ReIDBenchError(f"{where}: a borrowing entry trains nothing; remove its own 'recipe' and 'init'")
     for name in ("backbone", "model", "dataset"):
         if getattr(entry, name) != getattr(base, name):
             raise ReIDBenchError(f"{where} has another {name}; only the defense may differ")
@@ -218,7 +251,8 @@ def existing_weights(entry: ZooEntry, zoo_dir: Path = DEFAULT_ZOO.parent) -> Opt
     return trained if trained.is_file() else None
 
 
-def load_weights(model: torch.nn.Module, path: Path, entry_id: str, recipe_key: Optional[str] = None) -> None:
+def load_weights(model: torch.nn.Module, path: Path, entry_id: str, recipe_key: Optional[str] = None,
+                 keep_classifier: bool = False) -> None:
     """Load embedding weights (the training-time classifier is not part of the deployed model).
     With ``recipe_key``, a checkpoint written by our training loop must carry that key: weights
     trained from another recipe than the zoo entry's would be reported under the wrong name."""
@@ -229,7 +263,8 @@ def load_weights(model: torch.nn.Module, path: Path, entry_id: str, recipe_key: 
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    if not (keep_classifier and getattr(model, "classifier", None) is not None):
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("classifier.")]
     if missing or unexpected:
@@ -254,8 +289,11 @@ def _check_recipe_key(path: Path, entry_id: str, expected: str) -> None:
             "the checkpoint's recipe does not match its zoo entry (retrain it or restore the entry)")
 
 
-def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = True) -> Path:
-    """Train an entry's recipe on its dataset with the shared loop; returns the weights file."""
+def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = True,
+                zoo: Optional[dict[str, ZooEntry]] = None) -> Path:
+    """Train an entry's recipe on its dataset with the shared loop; returns the weights file.
+    An entry with ``init.from`` first obtains (or trains) its base and starts from its weights,
+    classifier included: same dataset, same identities."""
     from .defense import build_defense
     from .models import build_model
     from .train import Recipe, train_model
@@ -265,6 +303,11 @@ def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = Tr
     recipe = Recipe.from_dict(entry.recipe)
     torch.manual_seed(recipe.seed)
     model = build_model(entry.model_spec(), num_classes=split.num_train_ids)
+    if entry.init:
+        if zoo is None or entry.init["from"] not in zoo:
+            raise ReIDBenchError(f"entry '{entry.id}' starts from '{entry.init['from']}', which is not in the zoo")
+        base_weights = obtain_weights(zoo[entry.init["from"]], split, True, device, progress, zoo)
+        load_weights(model, base_weights, entry.init["from"], recipe_key=entry.init["recipe_key"], keep_classifier=True)
     result = train_model(
         model, split.train, recipe, trained_weights_dir(entry), defense=defense, device=device, progress=progress,
         run_key={"entry": entry.id, "recipe_key": entry.recipe_key(), "split_hash": split.split_hash,
@@ -292,4 +335,4 @@ def obtain_weights(entry: ZooEntry, split, train_missing: bool = True, device: s
         return path
     if not train_missing:
         raise ReIDBenchError(f"no weights for '{entry.id}' yet; run `reidbench train --model {entry.id}` or pass --train-missing")
-    return train_entry(entry, split, device=device, progress=progress)
+    return train_entry(entry, split, device=device, progress=progress, zoo=zoo)

@@ -24,7 +24,8 @@ def _isolated_cache(tmp_path_factory):
     old = {k: os.environ.get(k) for k in ("REIDBENCH_CACHE", "REIDBENCH_QUIET")}
     os.environ["REIDBENCH_CACHE"] = str(cache)
     os.environ["REIDBENCH_QUIET"] = "1"
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # OMP_NUM_THREADS wins: on a loaded machine two spinning threads per test process are far slower than one.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
     yield cache
     for key, value in old.items():
         if value is None:

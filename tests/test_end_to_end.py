@@ -75,3 +75,27 @@ def test_defended_entries_borrow_weights_get_eot_and_reproduce(tiny_zoo_file, ti
     assert main(argv + ["--force"]) == 0
     second = json.loads(cell.read_text())
     assert first["clean"] == second["clean"] and first["attacked"] == second["attacked"]
+
+
+def test_cross_dataset_cells_are_filed_under_the_test_dataset(tiny_zoo_file, tiny_model, tmp_path, monkeypatch):
+    """Train on A (synthetic), test on B (a Market-1501-format folder): `run --dataset B`."""
+    from test_market import market_layout
+
+    data = tmp_path / "data"
+    market_layout(data / "Market-1501-v15.09.15", train_ids=(2, 7), test_ids=(5, 11, 13), cams=(1, 2, 3))
+    monkeypatch.setenv("REIDBENCH_DATA", str(data))
+    results = tmp_path / "results"
+    argv = ["run", "--model", "tiny-none", "--zoo", str(tiny_zoo_file), "--results", str(results), "--site",
+            str(tmp_path / "site"), "--device", "cpu", "--attack", "m-fgsm", "--dataset", "market1501"]
+    assert main(argv) == 0
+    (cell,) = results.rglob("*.json")
+    assert cell.relative_to(results).as_posix() == "v1/market1501/tiny-none/m-fgsm-eps5.json"
+    record = json.loads(cell.read_text())
+    assert record["model"]["train_dataset"]["name"] == "synthetic" and record["dataset"]["name"] == "market1501"
+    assert record["dataset"]["image_size"] == [64, 32] and record["dataset"]["num_query"] == 3
+
+
+def test_run_refuses_an_unknown_test_dataset(tiny_zoo_file, tmp_path, capsys):
+    argv = ["run", "--model", "tiny-none", "--zoo", str(tiny_zoo_file), "--results", str(tmp_path), "--dataset", "nope"]
+    assert main(argv) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err

@@ -156,3 +156,56 @@ def test_a_checkpoint_from_another_recipe_is_refused(tmp_path):
     load_weights(model, path, "m1", recipe_key="aaaaaaaaaaaa")
     with pytest.raises(ReIDBenchError, match="recipe does not match its zoo entry"):
         load_weights(model, path, "m1", recipe_key="bbbbbbbbbbbb")
+
+
+def test_a_borrowing_entry_may_not_declare_its_own_recipe(tmp_path):
+    with pytest.raises(ReIDBenchError, match="a borrowing entry trains nothing; remove its own 'recipe'"):
+        load_zoo(write(tmp_path, BORROWING + "  recipe: {epochs: 3}\n"))
+
+
+FINETUNED = GOOD + """
+- id: m1-at
+  backbone: resnet18
+  dataset: {name: synthetic, preset: tiny}
+  defense: {name: at}
+  init: {from: m1}
+  recipe: {epochs: 2}
+"""
+
+
+def test_fine_tuned_entries_pin_their_bases_recipe(tmp_path):
+    zoo = load_zoo(write(tmp_path, FINETUNED))
+    assert zoo["m1-at"].init == {"from": "m1", "recipe_key": zoo["m1"].recipe_key()}
+    changed = load_zoo(write(tmp_path, FINETUNED.replace("defense: {name: none}", "defense: {name: none}\n  recipe: {epochs: 7}")))
+    # retraining the base must retrain what starts from it
+    assert changed["m1-at"].recipe_key() != zoo["m1-at"].recipe_key()
+
+
+@pytest.mark.parametrize("text, message", [
+    (FINETUNED.replace("init: {from: m1}", "init: {from: m9}"), "init.from names no zoo entry"),
+    (FINETUNED.replace("init: {from: m1}", "init: {from: m1, lr: 3}"), "'init' takes exactly one string field"),
+    (FINETUNED.replace("dataset: {name: synthetic, preset: tiny}\n  defense: {name: at}",
+                       "dataset: {name: synthetic, preset: small}\n  defense: {name: at}"), "has another dataset"),
+    (FINETUNED.replace("defense: {name: none}", "defense: {name: none}\n  init: {from: m1-at}"), "makes a cycle"),
+])
+def test_bad_fine_tuning_is_one_line(tmp_path, text, message):
+    with pytest.raises(ReIDBenchError, match=message):
+        load_zoo(write(tmp_path, text))
+
+
+def test_fine_tuning_starts_from_the_bases_weights(tmp_path, tiny_split):
+    import reidbench.zoo as zoo_module
+
+    text = FINETUNED.replace("backbone: resnet18", "backbone: resnet10t").replace(
+        "defense: {name: none}", "defense: {name: none}\n  model: {input_size: [32, 16]}\n  recipe: {epochs: 1, batch: {p: 4, k: 2}}"
+    ).replace("init: {from: m1}", "init: {from: m1}\n  model: {input_size: [32, 16]}").replace(
+        "recipe: {epochs: 2}", "recipe: {epochs: 1, batch: {p: 4, k: 2}, iters_per_epoch: 1, lr: 0.0, warmup_epochs: 0}")
+    zoo = load_zoo(write(tmp_path, text))
+    at_weights = zoo_module.obtain_weights(zoo["m1-at"], tiny_split, progress=False, zoo=zoo)
+    base_weights = zoo_module.existing_weights(zoo["m1"])
+    from safetensors.torch import load_file
+
+    base, tuned = load_file(str(base_weights)), load_file(str(at_weights))
+    # lr 0: one step of fine-tuning leaves the base's trained weights (classifier included)
+    assert torch.equal(base["classifier.weight"], tuned["classifier.weight"])
+    assert torch.equal(base["backbone.conv1.0.weight"], tuned["backbone.conv1.0.weight"])

@@ -34,14 +34,14 @@ class GeneralizedMeanPooling(nn.Module):
         return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1).pow(1.0 / self.p).flatten(1)
 
 
-def _create_backbone(name: str, pretrained: bool | str, global_pool: str) -> nn.Module:
+def _create_backbone(name: str, pretrained: bool | str, global_pool: str, backbone_args: Optional[dict] = None) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
         from ..errors import unknown_name
 
         raise unknown_name("backbone", name, timm.list_models())
-    kwargs = dict(num_classes=0, global_pool=global_pool)
+    kwargs = dict(num_classes=0, global_pool=global_pool, **(backbone_args or {}))
     if isinstance(pretrained, (str, Path)) and str(pretrained) not in ("True", "False"):
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -51,6 +51,8 @@ def _create_backbone(name: str, pretrained: bool | str, global_pool: str) -> nn.
         pretrained = True
     try:
         return timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+    except TypeError as exc:  # a backbone_args key the architecture does not take
+        raise ReIDBenchError(f"backbone '{name}' does not accept backbone_args {backbone_args}: {exc}") from None
     except (OSError, RuntimeError, ValueError) as exc:
         if not pretrained:
             raise
@@ -100,6 +102,7 @@ class ReIDModel(nn.Module):
         input_size: Sequence[int] = (256, 128),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        backbone_args: Optional[dict] = None,
     ):
         super().__init__()
         if pooling not in ("avg", "max", "gem"):
@@ -111,12 +114,13 @@ class ReIDModel(nn.Module):
         self.config = dict(
             backbone=backbone, num_classes=num_classes, last_stride=last_stride, pooling=pooling,
             neck=neck, embedding=embedding, input_size=list(input_size), mean=list(mean), std=list(std),
+            backbone_args=dict(backbone_args or {}),
         )
         self.input_size = tuple(int(s) for s in input_size)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         # Pooling other than avg needs the spatial map, which timm returns with global_pool="".
-        self.backbone = _create_backbone(backbone, pretrained, "avg" if pooling == "avg" else "")
+        self.backbone = _create_backbone(backbone, pretrained, "avg" if pooling == "avg" else "", backbone_args)
         if last_stride == 1:
             _set_last_stride_one(self.backbone)
         self.pool = {"avg": None, "max": nn.AdaptiveMaxPool2d(1), "gem": GeneralizedMeanPooling()}[pooling]
@@ -149,7 +153,10 @@ class ReIDModel(nn.Module):
 
 def build_model(spec: dict, num_classes: int = 0) -> ReIDModel:
     """Build a :class:`ReIDModel` from a zoo entry's ``model`` mapping."""
-    allowed = {"backbone", "pretrained", "last_stride", "pooling", "neck", "embedding", "input_size", "mean", "std"}
+    # backbone_args go to timm.create_model as they are, e.g. {channels: [32, 64, 128, 256]}
+    # for a narrower ResNet (the CPU-scale default suite).
+    allowed = {"backbone", "pretrained", "last_stride", "pooling", "neck", "embedding", "input_size", "mean", "std",
+               "backbone_args"}
     unknown = set(spec) - allowed
     if unknown:
         raise ReIDBenchError(f"unknown model option(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
