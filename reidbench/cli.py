@@ -30,8 +30,11 @@ def _entries(args, zoo):
 def _runner(args, zoo):
     from .runner import Runner
 
+    if args.no_train and args.train_missing:
+        raise ReIDBenchError("--no-train and --train-missing contradict each other; drop one")
     return Runner(zoo, results_root=Path(args.results), device=args.device, train_missing=not args.no_train,
-                  batch_size=args.batch_size, rerank=not args.no_rerank, force=args.force)
+                  batch_size=args.batch_size, rerank=not args.no_rerank, force=args.force,
+                  train_if_unreachable=args.train_missing)
 
 
 def cmd_run(args) -> int:
@@ -143,6 +146,38 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_zoo_list(args) -> int:
+    from .hub import zoo_rows
+
+    print("id\tbackbone\tdataset\tdefense\tweights\tlocal")
+    for row in zoo_rows(_zoo(args)):
+        print("\t".join(row))
+    return 0
+
+
+def cmd_zoo_pull(args) -> int:
+    from .hardware import resolve_device
+    from .zoo import get_entry, obtain_weights, sha256_file
+
+    zoo = _zoo(args)
+    entry = get_entry(zoo, args.model)
+    path = obtain_weights(entry, train_missing=args.train_missing, train_if_unreachable=args.train_missing,
+                          device=resolve_device(args.device), zoo=zoo)
+    print(f"{entry.id}\t{path}\tsha256 {sha256_file(path)}")
+    return 0
+
+
+def cmd_zoo_push(args) -> int:
+    from .hub import push
+    from .zoo import get_entry
+
+    zoo = _zoo(args)
+    result = push(get_entry(zoo, args.model), zoo, args.repo, Path(args.results), private=args.private)
+    print(f"pushed {args.model} to {result.repo} at revision {result.revision} (sha256 {result.sha256})")
+    print(f"pin it in the zoo entry:\n  {result.zoo_weights()}")
+    return 0
+
+
 def cmd_render(args) -> int:
     from .leaderboard import render_site
     from .progress import log
@@ -163,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--batch-size", type=int, default=128)
             p.add_argument("--no-rerank", action="store_true", help="skip k-reciprocal re-ranked metrics")
             p.add_argument("--no-train", action="store_true", help="fail instead of training a model without weights")
+            p.add_argument("--train-missing", action="store_true",
+                           help="also train an entry from its recipe when its hub weights cannot be reached")
             p.add_argument("--force", action="store_true", help="recompute cells even when their inputs did not change")
 
     run = sub.add_parser("run", help="run protocol cells and render the leaderboard")
@@ -196,6 +233,25 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("what", choices=["datasets", "models", "attacks", "defenses"])
     ls.add_argument("--zoo", default=None)
     ls.set_defaults(func=cmd_list)
+
+    zoo = sub.add_parser("zoo", help="the model zoo and the Hugging Face Hub: list, pull, push weights")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    zoo_list = zoo_sub.add_parser("list", help="every entry, where its weights are, and whether they are here now")
+    zoo_list.add_argument("--zoo", default=None)
+    zoo_list.set_defaults(func=cmd_zoo_list)
+    pull = zoo_sub.add_parser("pull", help="fetch an entry's weights into the hub cache (sha256 checked)")
+    pull.add_argument("model", help="zoo model id")
+    pull.add_argument("--train-missing", action="store_true",
+                      help="train the entry from its recipe when it has no weights or the hub cannot be reached")
+    common(pull, results=False)
+    pull.set_defaults(func=cmd_zoo_pull)
+    push = zoo_sub.add_parser("push", help="upload an entry's weights and a model card to a hub repo")
+    push.add_argument("model", help="zoo model id")
+    push.add_argument("--repo", required=True, help="OWNER/NAME on the Hugging Face Hub (created if missing)")
+    push.add_argument("--results", default="results", help="result store whose numbers go into the model card")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--zoo", default=None)
+    push.set_defaults(func=cmd_zoo_push)
 
     render = sub.add_parser("render", help="render the leaderboard from the result store")
     render.add_argument("--results", default="results")

@@ -22,3 +22,8 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> ReIDBenchError:
     hint = f"; did you mean '{close[0]}'?" if close else ""
     listing = ", ".join(known) if len(known) <= 12 else ", ".join(known[:12]) + ", ..."
     return ReIDBenchError(f"unknown {kind} '{name}'{hint} (known: {listing})")
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of a library's exception message, for a one-line report."""
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:limit]

@@ -72,12 +72,14 @@ class Runner:
         rerank: bool = True,
         progress: bool = True,
         force: bool = False,
+        train_if_unreachable: bool = False,
     ):
         self.zoo = zoo
         self.results_root = Path(results_root)
         self.protocol = protocol or load_protocol()
         self.device = resolve_device(device)
         self.train_missing = train_missing
+        self.train_if_unreachable = train_if_unreachable
         self.batch_size = batch_size
         self.rerank = rerank
         self.progress = progress
@@ -103,9 +105,15 @@ class Runner:
         if key in self._bundles:
             return self._bundles[key]
         train_split = self.split_for(entry.dataset)
-        weights = obtain_weights(entry, train_split, self.train_missing, self.device, self.progress, zoo=self.zoo)
-        model = build_model(entry.model_spec(), num_classes=0)
-        load_weights(model, weights, entry.id, recipe_key=training_entry(entry, self.zoo).recipe_key())
+        weights = obtain_weights(entry, train_split, self.train_missing, self.device, self.progress, zoo=self.zoo,
+                                 train_if_unreachable=self.train_if_unreachable)
+        if weights.suffix == ".onnx":
+            from .models.onnx_import import load_onnx_model
+
+            model = load_onnx_model(weights, entry.model)
+        else:
+            model = build_model(entry.model_spec(), num_classes=0)
+            load_weights(model, weights, entry.id, recipe_key=training_entry(entry, self.zoo).recipe_key())
         defended = DefendedModel(model, build_defense(entry.defense)).to(self.device).eval()
         split = self.split_for(dataset or entry.dataset, tuple(model.input_size))
         bundle = ModelBundle(entry, defended, split, sha256_file(weights))

@@ -2,14 +2,17 @@
 
 An entry declares a model completely (backbone, dataset, defense and its parameters,
 training recipe) and where its weights are: a local file, a Hugging Face Hub repo pinned to
-a revision and a sha256, or -- when neither is given -- the local cache, filled by training
-the entry's recipe with the shared training loop.
+a revision and a sha256, an ONNX graph (``weights: {onnx: path}``, or a hub file ending in
+``.onnx``; see :mod:`reidbench.models.onnx_import`), or -- when none is given -- the local
+cache, filled by training the entry's recipe with the shared training loop. Relative paths
+are read from the zoo file's folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from .errors import ReIDBenchError, unknown_name
+from .errors import ReIDBenchError, first_line, unknown_name
 
 DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "model_zoo.yaml"
 
@@ -37,7 +40,13 @@ _ENTRY_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
 }
 # ``from``: the weights of another entry, for a defense that only adds an inference-time
 # transform to the same trained model (cs, rrp, jpeg on top of the baseline).
-_WEIGHTS_FIELDS = {"path": (str,), "repo": (str,), "file": (str,), "revision": (str,), "sha256": (str,), "from": (str,)}
+_WEIGHTS_FIELDS = {"path": (str,), "repo": (str,), "file": (str,), "revision": (str,), "sha256": (str,), "from": (str,),
+                   "onnx": (str,)}
+
+
+class HubUnreachable(ReIDBenchError):
+    """The hub cannot be reached and the pinned file is not in the local hub cache: the one
+    hub failure that may fall back to training the entry locally (when asked)."""
 
 
 @dataclass
@@ -54,6 +63,11 @@ class ZooEntry:
     init: dict = field(default_factory=dict)
     suite: list = field(default_factory=lambda: ["default"])
     description: str = ""
+    zoo_dir: Path = DEFAULT_ZOO.parent  # relative weight paths are read from here
+
+    @property
+    def is_onnx(self) -> bool:
+        return "onnx" in self.weights or self.weights.get("file", "").endswith(".onnx")
 
     @property
     def dataset_name(self) -> str:
@@ -114,14 +128,23 @@ def _check_entry(raw: Any, position: int, source: Path) -> ZooEntry:
     init = raw.get("init", {})
     if init and (set(init) != {"from"} or not isinstance(init["from"], str)):
         raise ReIDBenchError(f"{where}: field 'init' takes exactly one string field, 'from' (a zoo entry id)")
+    if "onnx" in weights and {"path", "repo", "from"} & set(weights):
+        raise ReIDBenchError(f"{where}: 'weights.onnx' names the model file itself; drop weights.path/repo/from")
     suite = raw.get("suite", ["default"])
     if not all(isinstance(s, str) for s in suite):
         raise ReIDBenchError(f"{where}: field 'suite' must be a list of strings")
-    return ZooEntry(
+    entry = ZooEntry(
         id=raw["id"], backbone=raw["backbone"], dataset=dataset, defense=defense, model=dict(raw.get("model", {})),
         recipe=dict(raw.get("recipe", {})), weights=dict(weights), init=dict(init), suite=list(suite),
-        description=raw.get("description", ""),
+        description=raw.get("description", ""), zoo_dir=source.resolve().parent,
     )
+    if entry.is_onnx:
+        from .models.onnx_import import input_spec_problem
+
+        problem = input_spec_problem(entry.model)
+        if problem is not None:
+            raise ReIDBenchError(f"{where}: {problem}")
+    return entry
 
 
 def load_zoo(path: Optional[str | Path] = None) -> dict[str, ZooEntry]:
@@ -217,29 +240,55 @@ def trained_weights_dir(entry: ZooEntry) -> Path:
 
 def download_hub_weights(entry: ZooEntry) -> Path:
     """Fetch pinned weights through huggingface_hub (its cache first); verify the sha256
-    before anything is loaded."""
+    before anything is loaded. Each failure is one line saying which one it is."""
+    import logging
+
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     w = entry.weights
+    where = f"cannot fetch weights of '{entry.id}' from the hub ({w['repo']}@{w['revision']})"
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line report
     try:
         path = Path(hf_hub_download(repo_id=w["repo"], filename=w["file"], revision=w["revision"]))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        raise ReIDBenchError(
-            f"cannot fetch weights of '{entry.id}' from the hub ({w['repo']}@{w['revision']}): {first[:160]}"
-        ) from None
+    except RevisionNotFoundError:
+        raise ReIDBenchError(f"{where}: the repo has no revision '{w['revision']}'") from None
+    except RepositoryNotFoundError:
+        raise ReIDBenchError(f"{where}: no such repo, or it is private or gated (log in with `hf auth login`)") from None
+    except RemoteEntryNotFoundError:
+        raise ReIDBenchError(f"{where}: the revision has no file '{w['file']}'") from None
+    except (LocalEntryNotFoundError, ConnectionError):
+        raise HubUnreachable(f"{where}: the hub cannot be reached and the file is not in the local hub cache") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ReIDBenchError(f"{where}: {first_line(exc)}") from None
+    finally:
+        hub_logger.setLevel(level)
     actual = sha256_file(path)
     if actual != w["sha256"].lower():
         raise ReIDBenchError(f"weights of '{entry.id}' do not match their sha256 (expected {w['sha256'][:12]}…, got {actual[:12]}…)")
     return path
 
 
-def existing_weights(entry: ZooEntry, zoo_dir: Path = DEFAULT_ZOO.parent) -> Optional[Path]:
+def local_weights_path(entry: ZooEntry) -> Optional[Path]:
+    """Where ``weights.path`` or ``weights.onnx`` points (relative to the zoo file), or None."""
+    local = entry.weights.get("path", entry.weights.get("onnx"))
+    if local is None:
+        return None
+    path = Path(local).expanduser()
+    return path if path.is_absolute() else entry.zoo_dir / path
+
+
+def trained_weights_file(entry: ZooEntry) -> Path:
+    return trained_weights_dir(entry) / "model.safetensors"
+
+
+def existing_weights(entry: ZooEntry) -> Optional[Path]:
     """The weights file of an entry if it can be had without training, else None."""
-    if "path" in entry.weights:
-        path = Path(entry.weights["path"]).expanduser()
-        path = path if path.is_absolute() else zoo_dir / path
+    path = local_weights_path(entry)
+    if path is not None:
         if not path.is_file():
             raise ReIDBenchError(f"weights of '{entry.id}' not found at {path}")
         if "sha256" in entry.weights and sha256_file(path) != entry.weights["sha256"].lower():
@@ -247,8 +296,27 @@ def existing_weights(entry: ZooEntry, zoo_dir: Path = DEFAULT_ZOO.parent) -> Opt
         return path
     if "repo" in entry.weights:
         return download_hub_weights(entry)
-    trained = trained_weights_dir(entry) / "model.safetensors"
+    trained = trained_weights_file(entry)
     return trained if trained.is_file() else None
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A checkpoint's tensors and (safetensors only) metadata. Torch pickles are read with
+    ``weights_only=True``: a checkpoint from the internet must not be able to run code."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:  # not a plain tensor checkpoint
+        raise ReIDBenchError(f"cannot read {path.name} as a weights-only torch checkpoint: {first_line(exc)}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ReIDBenchError(f"{path.name} holds a {type(state).__name__}, not a state dict")
+    return state, {}
 
 
 def load_weights(model: torch.nn.Module, path: Path, entry_id: str, recipe_key: Optional[str] = None,
@@ -256,13 +324,9 @@ def load_weights(model: torch.nn.Module, path: Path, entry_id: str, recipe_key: 
     """Load embedding weights (the training-time classifier is not part of the deployed model).
     With ``recipe_key``, a checkpoint written by our training loop must carry that key: weights
     trained from another recipe than the zoo entry's would be reported under the wrong name."""
-    if path.suffix == ".safetensors":
-        if recipe_key is not None:
-            _check_recipe_key(path, entry_id, recipe_key)
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state, metadata = read_state_dict(path)
+    if recipe_key is not None:
+        _check_recipe_key(metadata, path, entry_id, recipe_key)
     if not (keep_classifier and getattr(model, "classifier", None) is not None):
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -275,11 +339,7 @@ def load_weights(model: torch.nn.Module, path: Path, entry_id: str, recipe_key: 
         )
 
 
-def _check_recipe_key(path: Path, entry_id: str, expected: str) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+def _check_recipe_key(metadata: dict, path: Path, entry_id: str, expected: str) -> None:
     if "recipe_key" not in metadata:  # not written by reidbench's loop (e.g. converted weights)
         return
     actual = json.loads(metadata["recipe_key"])
@@ -289,15 +349,20 @@ def _check_recipe_key(path: Path, entry_id: str, expected: str) -> None:
             "the checkpoint's recipe does not match its zoo entry (retrain it or restore the entry)")
 
 
-def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = True,
+def train_entry(entry: ZooEntry, split=None, device: str = "cpu", progress: bool = True,
                 zoo: Optional[dict[str, ZooEntry]] = None) -> Path:
-    """Train an entry's recipe on its dataset with the shared loop; returns the weights file.
-    An entry with ``init.from`` first obtains (or trains) its base and starts from its weights,
-    classifier included: same dataset, same identities."""
+    """Train an entry's recipe on its dataset (built here when ``split`` is None) with the
+    shared loop; returns the weights file. An entry with ``init.from`` first obtains (or
+    trains) its base and starts from its weights, classifier included: same dataset, same
+    identities."""
+    from .data import build_dataset
     from .defense import build_defense
     from .models import build_model
     from .train import Recipe, train_model
 
+    if entry.is_onnx:
+        raise ReIDBenchError(f"'{entry.id}' is an imported ONNX model; reidbench cannot train it")
+    split = split if split is not None else build_dataset(entry.dataset_name, **entry.dataset_options)
     defense = build_defense(entry.defense)
     defense.check_dataset(split)
     recipe = Recipe.from_dict(entry.recipe)
@@ -326,11 +391,23 @@ def training_entry(entry: ZooEntry, zoo: Optional[dict[str, ZooEntry]] = None) -
     return zoo[base]
 
 
-def obtain_weights(entry: ZooEntry, split, train_missing: bool = True, device: str = "cpu", progress: bool = True,
-                   zoo: Optional[dict[str, ZooEntry]] = None) -> Path:
-    """The entry's weights: pinned, cached, borrowed (``weights.from``) or trained now."""
+def obtain_weights(entry: ZooEntry, split=None, train_missing: bool = True, device: str = "cpu", progress: bool = True,
+                   zoo: Optional[dict[str, ZooEntry]] = None, train_if_unreachable: bool = False) -> Path:
+    """The entry's weights: pinned, cached, borrowed (``weights.from``) or trained now.
+    A hub that cannot be reached falls back to training the recipe only with
+    ``train_if_unreachable`` (results then carry the local weights' sha256, not the hub's)."""
     entry = training_entry(entry, zoo)
-    path = existing_weights(entry)
+    try:
+        path = existing_weights(entry)
+    except HubUnreachable as exc:
+        if not train_if_unreachable:
+            hint = "" if entry.is_onnx else "; pass --train-missing to train it from its recipe instead"
+            raise HubUnreachable(f"{exc}{hint}") from None
+        from .progress import log
+
+        log(f"{exc}; using weights trained locally from its recipe instead")
+        path = trained_weights_file(entry) if trained_weights_file(entry).is_file() else None
+        train_missing = True
     if path is not None:
         return path
     if not train_missing:

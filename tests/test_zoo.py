@@ -209,3 +209,47 @@ def test_fine_tuning_starts_from_the_bases_weights(tmp_path, tiny_split):
     # lr 0: one step of fine-tuning leaves the base's trained weights (classifier included)
     assert torch.equal(base["classifier.weight"], tuned["classifier.weight"])
     assert torch.equal(base["backbone.conv1.0.weight"], tuned["backbone.conv1.0.weight"])
+
+
+ONNX = GOOD + "  model: {input_size: [64, 32], channel_order: BGR, value_range: 255, mean: [1, 2, 3], std: [4, 5, 6]}\n" \
+    "  weights: {onnx: models/m1.onnx}\n"
+
+
+def test_an_onnx_entry_reads_its_file_next_to_the_zoo_file(tmp_path):
+    entry = load_zoo(write(tmp_path, ONNX))["m1"]
+    assert entry.is_onnx
+    with pytest.raises(ReIDBenchError, match=f"weights of 'm1' not found at {tmp_path / 'models' / 'm1.onnx'}"):
+        existing_weights(entry)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m1.onnx").write_bytes(b"graph")
+    assert existing_weights(entry) == tmp_path / "models" / "m1.onnx"
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("channel_order: BGR", "channel_order: bgr", "field 'model.channel_order' must be RGB or BGR, got 'bgr'"),
+    ("value_range: 255", "value_range: 256", "field 'model.value_range' must be 1 or 255"),
+    ("input_size: [64, 32], ", "", "an ONNX model needs 'model.input_size: [H, W]'"),
+    ("input_size: [64, 32]", "input_size: [64]", "field 'model.input_size' must be two positive integers"),
+    ("mean: [1, 2, 3]", "mean: [1, 2]", "field 'model.mean' must be a list of three numbers"),
+    ("std: [4, 5, 6]", "std: [4, 0, 6]", "field 'model.std' must be positive"),
+    ("std: [4, 5, 6]", "last_stride: 1", "unknown field 'model.last_stride' for an ONNX model"),
+    ("{onnx: models/m1.onnx}", "{onnx: models/m1.onnx, path: w.safetensors}", "'weights.onnx' names the model file itself"),
+])
+def test_onnx_input_specs_are_checked_with_the_entry(tmp_path, old, new, message):
+    with pytest.raises(ReIDBenchError) as info:
+        load_zoo(write(tmp_path, ONNX.replace(old, new)))
+    assert f"entry 'm1': {message}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_onnx_entry_is_not_trained(tmp_path):
+    from reidbench.zoo import train_entry
+
+    with pytest.raises(ReIDBenchError, match="imported ONNX model; reidbench cannot train it"):
+        train_entry(load_zoo(write(tmp_path, ONNX))["m1"])
+
+
+def test_a_torch_checkpoint_that_needs_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": {}, "recipe": ReIDBenchError("a pickled object")}, path)
+    with pytest.raises(ReIDBenchError, match="cannot read w.pt as a weights-only torch checkpoint"):
+        load_weights(build_model({"backbone": "resnet18"}), path, "m1")
