@@ -161,7 +161,6 @@ def test_zoo_list_says_where_weights_are_and_whether_they_are_here(tmp_path, hub
   dataset: {name: synthetic, preset: tiny}
   defense: cs
   model: {input_size: [32, 16]}
-  recipe: {epochs: 1, batch: {p: 4, k: 2}}
   weights: {from: m1}
 - id: m6
   backbone: resnet10t
