@@ -53,6 +53,14 @@ class Defense:
 
         return reid_loss(model, images, pids, recipe)
 
+    def training_state(self) -> dict:
+        """What the defense itself learns during training (e.g. a generator and its optimiser),
+        saved with each epoch's checkpoint so that a resumed run continues it."""
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore :meth:`training_state` when a run resumes."""
+
     def check_dataset(self, split) -> None:
         """Raise a ReIDBenchError when the defense cannot train on this dataset."""
         kind = split.info.get("kind", "image")

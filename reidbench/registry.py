@@ -67,3 +67,5 @@ class Registry(Generic[T]):
 DATASETS: Registry = Registry("dataset", populate=("reidbench.data",))
 ATTACKS: Registry = Registry("attack", populate=("attacks",))
 DEFENSES: Registry = Registry("defense", populate=("defenses",))
+# ReIDModel variants a defense trains and deploys (``model: {head: NAME}`` in a zoo entry).
+MODEL_HEADS: Registry = Registry("model head", populate=("defenses",))

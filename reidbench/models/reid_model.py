@@ -152,15 +152,22 @@ class ReIDModel(nn.Module):
 
 
 def build_model(spec: dict, num_classes: int = 0) -> ReIDModel:
-    """Build a :class:`ReIDModel` from a zoo entry's ``model`` mapping."""
+    """Build a :class:`ReIDModel` from a zoo entry's ``model`` mapping. ``head: NAME`` builds
+    the registered subclass ``MODEL_HEADS[NAME]`` instead (a defense's own model, e.g. APD's
+    split head), which may accept the extra options it lists in ``options``."""
+    from ..registry import MODEL_HEADS
+
     # backbone_args go to timm.create_model as they are, e.g. {channels: [32, 64, 128, 256]}
-    # for a narrower ResNet (the CPU-scale default suite).
+    # for a narrower ResNet.
+    spec = dict(spec)
+    head = spec.pop("head", None)
+    cls = ReIDModel if head is None else MODEL_HEADS.get(head)
     allowed = {"backbone", "pretrained", "last_stride", "pooling", "neck", "embedding", "input_size", "mean", "std",
-               "backbone_args"}
+               "backbone_args", "head", *getattr(cls, "options", ())}
     unknown = set(spec) - allowed
     if unknown:
         raise ReIDBenchError(f"unknown model option(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
-    return ReIDModel(num_classes=num_classes, **spec)
+    return cls(num_classes=num_classes, **spec)
 
 
 class EmbeddingOnly(nn.Module):

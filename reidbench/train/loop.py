@@ -164,6 +164,7 @@ def train_model(
         if state.get("key") == key:
             model.load_state_dict(load_file(str(last_path), device=str(device)))
             optimizer.load_state_dict(state["optimizer"])
+            defense.load_training_state(state.get("defense", {}))
             start_epoch, history = int(state["epoch"]) + 1, json.loads(state["history"])
 
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -210,7 +211,8 @@ def train_model(
                     f"{k} {v:.4f}" for k, v in history[-1].items() if k != "epoch"))
             _atomic_safetensors(model.state_dict(), last_path, {"epoch": str(epoch)})
             _atomic_torch_save(
-                {"key": key, "epoch": epoch, "optimizer": optimizer.state_dict(), "history": json.dumps(history)}, state_path
+                {"key": key, "epoch": epoch, "optimizer": optimizer.state_dict(), "history": json.dumps(history),
+                 "defense": defense.training_state()}, state_path
             )
     final = workdir / "model.safetensors"
     metadata = {"recipe": json.dumps(recipe.to_dict(), sort_keys=True), "history": json.dumps(history), "key": key}

@@ -37,6 +37,12 @@ def reid_loss(model, images: torch.Tensor, pids: torch.Tensor, recipe) -> tuple[
     """The standard objective: label-smoothed cross-entropy on the BNNeck logits plus
     batch-hard triplet on the pre-neck features. ``pids`` are contiguous training labels."""
     logits, features = model(images)
+    return reid_terms(logits, features, pids, recipe)
+
+
+def reid_terms(logits: Optional[torch.Tensor], features: torch.Tensor, pids: torch.Tensor, recipe) -> tuple[torch.Tensor, dict]:
+    """:func:`reid_loss` on outputs already computed, for a defense that needs the model's
+    intermediate results too."""
     triplet = batch_hard_triplet(features, pids, recipe.triplet_margin)
     loss = recipe.triplet_weight * triplet
     logs = {"triplet": float(triplet.detach())}
