@@ -489,8 +489,8 @@ def threat_table(dataset: str, eps255, threat: str, cells: pd.DataFrame, all_cel
     if any("reported.source" in r for r in rows):
         columns += _reported_columns("lowest")
     columns.append(Column("flags", "sanity flags"))
-    note = (f"Rank-1 / mAP in %, standardized (measured by the protocol runner). Worst case: per query, over the "
-            f"attacks of this table. Per-identity variance: clean, and under that worst case.")
+    note = ("Rank-1 / mAP in %, standardized (measured by the protocol runner). Worst case: per query, over the "
+            "attacks of this table. Per-identity variance: clean, and under that worst case.")
     return Table(_table_slug(dataset, eps255, threat), f"{dataset}, {eps_text(eps255)}: {threat}", note, columns,
                  _by_worst_map(rows, "worst.mAP"))
 
