@@ -30,4 +30,4 @@ def progress_bar(enabled: bool = True):
 
 def log(message: str) -> None:
     if not _quiet():
-        console.print(message)
+        console.print(message, soft_wrap=True)  # one message, one line, whatever the width

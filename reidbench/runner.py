@@ -24,6 +24,7 @@ from .data import build_dataset
 from .data.split import ReIDSplit
 from .defense import DefendedModel, build_defense
 from .errors import ReIDBenchError
+from .example import ExampleCapture, example_query_index, ranking_example
 from .features import embed, extract_features
 from .metrics import evaluate_rank, identity_spread, k_reciprocal_rerank, pairwise_distance
 from .models import build_model
@@ -188,12 +189,13 @@ class Runner:
                 return path
         started = time.time()
         feats = self.clean_features(bundle)
+        example = ExampleCapture(example_query_index(split, self.protocol.seed))
         if attack.perturbs == "gallery":
             adv_feats, linf, l2, zero_share = self.attack_images(bundle, attack, side="gallery")
-            record, per_query = self.score(bundle, feats, feats["query"], adv_feats)
+            record, per_query = self.score(bundle, feats, feats["query"], adv_feats, example)
         else:
-            adv_feats, linf, l2, zero_share = self.attack_images(bundle, attack, side="query")
-            record, per_query = self.score(bundle, feats, adv_feats, feats["gallery"])
+            adv_feats, linf, l2, zero_share = self.attack_images(bundle, attack, side="query", capture=example)
+            record, per_query = self.score(bundle, feats, adv_feats, feats["gallery"], example)
         record.update({
             "schema": 1, "input_key": key, "attack_id": attack_id(attack_name, eps),
             "protocol": {"version": self.protocol.version, "fingerprint": self.protocol.fingerprint()},
@@ -237,9 +239,11 @@ class Runner:
                                   tuple(source.model.input_size))
         return ctx
 
-    def attack_images(self, bundle: ModelBundle, attack: Attack, side: str = "query"):
+    def attack_images(self, bundle: ModelBundle, attack: Attack, side: str = "query",
+                      capture: Optional[ExampleCapture] = None):
         """Adversarial features of one side (query or gallery), its perturbation sizes and
-        the share of exactly-zero input gradients on the first batch (a masking smell)."""
+        the share of exactly-zero input gradients on the first batch (a masking smell);
+        the adversarial image of ``capture.index`` is kept in ``capture.image``."""
         split, model = bundle.split, bundle.model
         subset = getattr(split, side)
         size = tuple(model.input_size)
@@ -263,6 +267,8 @@ class Runner:
                 if zero_share is None and attack.threat_model == "white-box":
                     zero_share = input_gradient_zero_share(target, images, batch_ctx, self.protocol.normalize)
                 adv = attack(target, images, batch_ctx)
+                if capture is not None and capture.index is not None and start <= capture.index < start + len(index):
+                    capture.image = adv[capture.index - start].detach().cpu()
                 delta = (adv - images).flatten(1)
                 linf = max(linf, float(delta.abs().max()))
                 l2sum += float(delta.norm(dim=1).sum())
@@ -271,11 +277,14 @@ class Runner:
                 bar.update(task, advance=len(index))
         return torch.cat(out), linf, l2sum / max(n, 1), zero_share
 
-    def score(self, bundle: ModelBundle, feats: dict, q: torch.Tensor, g: torch.Tensor) -> tuple[dict, dict]:
+    def score(self, bundle: ModelBundle, feats: dict, q: torch.Tensor, g: torch.Tensor,
+              example: Optional[ExampleCapture] = None) -> tuple[dict, dict]:
         split = bundle.split
-        record, per_query = {}, {}
+        record, per_query, example_rows = {}, {}, {}
         for label, (qf, gf) in (("clean", (feats["query"], feats["gallery"])), ("attacked", (q, g))):
             q_g = pairwise_distance(qf, gf)
+            if example is not None and example.index is not None:
+                example_rows[label] = q_g[example.index]
             record[label], result = rank_metrics(q_g, split, self.protocol)
             per_query[f"{label}_ap"] = np.asarray(result.per_query_ap, dtype=np.float32)
             per_query[f"{label}_first_hit"] = np.asarray(result.per_query_first_hit, dtype=np.int32)
@@ -284,6 +293,8 @@ class Runner:
                 reranked = k_reciprocal_rerank(q_g, pairwise_distance(qf, qf), g_g, **self.protocol.rerank)
                 record[f"{label}_reranked"], _ = rank_metrics(reranked, split, self.protocol)
         per_query["query_pids"] = split.query.pids.numpy().astype(np.int64)
+        if example_rows:
+            record["example"] = ranking_example(split, example, example_rows["clean"], example_rows["attacked"])
         record["conventions"] = {"ap": self.protocol.ap, "distance": "euclidean", "normalized": self.protocol.normalize,
                                  "rerank": self.protocol.rerank if self.rerank else None}
         return record, per_query

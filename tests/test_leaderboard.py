@@ -1,0 +1,286 @@
+import base64
+import csv
+import importlib.util
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reidbench.leaderboard import page_name, render_site, results_table, worst_case
+from reidbench.metrics import identity_spread
+from reidbench.results import cell_path, write_cell
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_QUERY = 12
+QUERY_PIDS = np.repeat(np.arange(4), 3).astype(np.int64)
+TINY_PNG = base64.b64encode(bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f8cfc0f01f0005ff02fea7d5b8"
+    "c80000000049454e44ae426082")).decode()
+
+
+def _outcomes(seed: int, clean_hit=None) -> dict:
+    rng = np.random.default_rng(seed)
+    clean = np.zeros(NUM_QUERY, dtype=np.int32) if clean_hit is None else clean_hit
+    return {"clean_ap": np.ones(NUM_QUERY, dtype=np.float32), "clean_first_hit": clean,
+            "attacked_ap": rng.uniform(0.1, 1.0, NUM_QUERY).astype(np.float32),
+            "attacked_first_hit": rng.integers(0, 3, NUM_QUERY).astype(np.int32), "query_pids": QUERY_PIDS}
+
+
+def _record(model="m-none", attack="m-ifgsm", threat="white-box", eps255=5, perturbed="query", mAP=0.3,
+            defense="none", **extra) -> dict:
+    record = {
+        "schema": 1, "input_key": "k", "attack_id": f"{attack}-eps{eps255}", "threat_model": threat, "perturbed": perturbed,
+        "protocol": {"version": "v1", "fingerprint": "f"},
+        "model": {"id": model, "backbone": "resnet18", "defense": {"name": defense}, "weights_sha256": "ab" * 32,
+                  "recipe": {"epochs": 30}, "model": {"input_size": [64, 32]}, "train_dataset": {"name": "synthetic"}},
+        "dataset": {"name": "synthetic", "split_hash": "s1", "num_query": NUM_QUERY},
+        "attack": {"name": attack, "eps": eps255 / 255},
+        "clean": {"rank1": 0.9, "rank5": 0.95, "rank10": 1.0, "mAP": 0.8, "mINP": 0.5},
+        "attacked": {"rank1": mAP / 2, "rank5": 0.5, "rank10": 0.6, "mAP": mAP, "mINP": 0.1},
+        "clean_reranked": {"rank1": 0.92, "mAP": 0.85}, "attacked_reranked": {"rank1": 0.2, "mAP": 0.25},
+        "perturbation": {"eps": eps255 / 255, "linf_max": eps255 / 255, "l2_mean": 1.0},
+        "sanity_flags": [], "seed": 0, "device": "cpu", "wall_time_s": 1.5,
+        "environment": {"versions": {"torch": "2.x", "reidbench": "0.1.0"}, "git_commit": "abc1234", "python": "3.11",
+                        "platform": "linux", "cpu_count": 2, "cuda": None},
+    }
+    record.update(extra)
+    return record
+
+
+def _write(root: Path, record: dict, seed: int = 0, per_query=True) -> Path:
+    path = cell_path(root, "v1", record["dataset"]["name"], record["model"]["id"], record["attack_id"])
+    write_cell(path, record, _outcomes(seed) if per_query else None)
+    return path
+
+
+def _example() -> dict:
+    return {"query_index": 3, "query_pid": 1, "query_camid": 0, "thumbnail_size": [64, 32],
+            "clean": {"gallery_index": list(range(10)), "match": [True, True] + [False] * 8},
+            "attacked": {"gallery_index": list(range(10, 20)), "match": [False] * 9 + [True]},
+            "thumbnails": {"query": TINY_PNG, "query_attacked": TINY_PNG,
+                           "gallery": {str(g): TINY_PNG for g in (0, 10, 1, 11)}}}
+
+
+@pytest.fixture
+def results(tmp_path):
+    root = tmp_path / "results"
+    _write(root, _record(mAP=0.30, example=_example()), seed=1)
+    _write(root, _record(attack="sma", mAP=0.20), seed=2)
+    _write(root, _record(attack="sma", eps255=8, mAP=0.05), seed=3)
+    _write(root, _record(attack="transfer", threat="transfer", mAP=0.6), seed=4)
+    _write(root, _record(attack="eot", mAP=0.25), seed=5)  # a variant outside the protocol grid
+    _write(root, _record(attack="m-ifgsm-gallery", perturbed="gallery", mAP=0.4), seed=6)
+    _write(root, _record(model="m-at", defense="at", mAP=0.5, example=_example()), seed=7)
+    _write(root, _record(model="m-at", attack="sma", mAP=0.45), seed=8)
+    return root
+
+
+def _tree(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_render_is_a_pure_function_of_the_results(results, tmp_path):
+    render_site(results, tmp_path / "a")
+    render_site(results, tmp_path / "b")
+    first, second = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert first == second
+    assert {"index.html", "cells.csv", "cells.json", "assets/site.js", "assets/site.css",
+            "models/m-none.html", "models/m-at.html"} <= set(first)
+    # Re-rendering into the same folder after a model is gone removes its page.
+    for path in (results / "v1/synthetic/m-at").iterdir():
+        path.unlink()
+    render_site(results, tmp_path / "a")
+    assert not (tmp_path / "a/models/m-at.html").exists()
+    index = (tmp_path / "a/index.html").read_text()
+    assert "https://" not in index and "http://" not in index  # no CDN: opens from file:// offline
+
+
+def test_index_tables_per_threat_model_with_worst_case_and_variants(results, tmp_path):
+    index = render_site(results, tmp_path / "site").read_text()
+    tables = tmp_path / "site/tables"
+    names = sorted(p.name for p in tables.glob("*.json"))
+    assert names == ["synthetic-eps5-summary.json", "synthetic-eps5-transfer.json", "synthetic-eps5-white-box-gallery-perturbed.json",
+                     "synthetic-eps5-white-box.json", "synthetic-eps8-summary.json", "synthetic-eps8-white-box.json"]
+    for name in names:  # every table is linked from the page, as CSV and JSON
+        assert f'href="tables/{name}"' in index and f'href="tables/{name[:-5]}.csv"' in index
+
+    cells = results_table(results)
+    none5 = cells[(cells["model"] == "m-none") & ((cells["eps"] * 255 - 5).abs() < 1e-6)]
+    white = json.loads((tables / "synthetic-eps5-white-box.json").read_text())
+    row = next(r for r in white["rows"] if r["model"] == "m-none")
+    expected = worst_case(none5[none5["threat_model"] == "white-box"])
+    assert expected["attacks"] == 3  # m-ifgsm, sma, eot; the gallery attack has its own table
+    assert row["worst.mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
+    assert row["worst.rank1"] == pytest.approx(expected["rank1"], abs=1e-6)
+    assert row["sma-eps5.mAP"] == pytest.approx(0.20) and row["clean.rank1"] == pytest.approx(0.9)
+    assert row["var.worst"] == pytest.approx(expected["identity_var"], abs=1e-6)
+
+    summary = json.loads((tables / "synthetic-eps5-summary.json").read_text())
+    top = summary["rows"][0]
+    assert top["model"] == "m-at"  # most robust first
+    none = next(r for r in summary["rows"] if r["model"] == "m-none")
+    assert none["standardized.attacks"] == 3 and none["adaptive.attacks"] == 4  # eot is outside the grid
+    assert none["adaptive.mAP"] <= none["standardized.mAP"]
+    assert top.get("adaptive.mAP") is None  # no variant was run on m-at
+    groups = {c["group"] for c in summary["columns"]}
+    assert {"standardized", "adaptive"} <= groups and "reported" not in groups
+
+    with open(tables / "synthetic-eps5-white-box.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["model"] for r in rows] == [r["model"] for r in white["rows"]]
+    assert float(next(r for r in rows if r["model"] == "m-none")["sma-eps5.mAP"]) == pytest.approx(0.2)
+
+
+def test_identity_variance_of_old_records_comes_from_their_outcomes(results):
+    cells = results_table(results)
+    row = cells[(cells["model"] == "m-none") & (cells["attack"] == "sma-eps5")].iloc[0]
+    outcomes = _outcomes(2)
+    expected = identity_spread(torch.from_numpy(outcomes["attacked_first_hit"].astype(np.int64)), torch.from_numpy(QUERY_PIDS))
+    assert row["var"] == pytest.approx(expected["rank1_var"])
+    assert row["clean_var"] == pytest.approx(0.0)  # every clean query hits
+
+
+def test_html_in_model_id_and_footnote_renders_as_text_and_file_names_are_safe(tmp_path):
+    evil = '<script>alert(1)</script>/../x'
+    record = _record(model=evil, reported={"source": "<b>paper</b>", "url": "javascript:alert(3)",
+                                           "footnote": "<img src=x onerror=alert(2)>",
+                                           "clean": {"rank1": 0.95, "mAP": 0.9}, "attacked": {"rank1": 0.5, "mAP": 0.4}})
+    root = tmp_path / "results"
+    folder = root / "v1/synthetic/evil"
+    folder.mkdir(parents=True)
+    write_cell(folder / "m-ifgsm-eps5.json", record, _outcomes(0))
+    site = tmp_path / "site"
+    index = render_site(root, site).read_text()
+    pages = sorted((site / "models").glob("*.html"))
+    assert [p.name for p in pages] == [f"{page_name(evil)}.html"]
+    assert re.fullmatch(r"[A-Za-z0-9._-]+\.html", pages[0].name) and pages[0].parent == site / "models"
+    for html in (index, pages[0].read_text()):
+        assert "<script>alert" not in html and "<img src=x" not in html and "<b>paper" not in html
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+        assert "javascript:" not in html  # only http(s) sources become links
+    assert "&lt;img src=x onerror=alert(2)&gt;" in index
+    assert f'href="models/{pages[0].name}"' in index
+
+
+def test_reported_numbers_have_their_own_columns_and_never_enter_a_worst_case(results, tmp_path):
+    claim = _record(model="m-paper", mAP=0.0, reported={"source": "Doe 2024, Table 3", "url": "https://example.org/p",
+                                                        "clean": {"rank1": 0.95, "mAP": 0.9},
+                                                        "attacked": {"rank1": 0.7, "mAP": 0.6}})
+    del claim["clean"], claim["attacked"], claim["clean_reranked"], claim["attacked_reranked"]
+    _write(results, claim, per_query=False)
+    index = render_site(results, tmp_path / "site").read_text()
+    summary = json.loads((tmp_path / "site/tables/synthetic-eps5-summary.json").read_text())
+    assert "reported" in {c["group"] for c in summary["columns"]}
+    paper = next(r for r in summary["rows"] if r["model"] == "m-paper")
+    assert paper["reported.robust.mAP"] == pytest.approx(0.6) and paper["reported.clean.rank1"] == pytest.approx(0.95)
+    assert paper["standardized.mAP"] is None and paper["clean.rank1"] is None
+    none = next(r for r in summary["rows"] if r["model"] == "m-none")
+    assert none.get("reported.source") is None
+    assert 'href="https://example.org/p"' in index and "Doe 2024, Table 3" in index
+
+
+def test_malformed_results_are_reported_once_each_and_skipped(results, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REIDBENCH_QUIET", "0")
+    folder = results / "v1/synthetic/m-none"
+    (folder / "broken.json").write_text("{not json")
+    _write(results, _record(model="bad-number", attacked={"rank1": "high", "mAP": 0.1}))
+    _write(results, _record(model="bad-claim", reported={"source": "x", "attacked": {"mAP": 1.5}}))
+    capsys.readouterr()
+    index = render_site(results, tmp_path / "site").read_text()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(lines) == 3, lines
+    assert any("broken.json" in line for line in lines)
+    assert any("bad-number" in line for line in lines) and any("bad-claim" in line for line in lines)
+    assert "m-none" in index and "bad-number" not in index and "bad-claim" not in index
+
+
+def test_model_page_has_every_cell_a_robustness_plot_an_example_and_provenance(results, tmp_path):
+    render_site(results, tmp_path / "site")
+    page = (tmp_path / "site/models/m-none.html").read_text()
+    assert page.count('<svg xmlns="http://www.w3.org/2000/svg" class="plot"') == 2  # mAP and Rank-1 against ε
+    assert page.count("<polyline") == 2  # sma was run at two ε: joined; single-ε attacks are points
+    assert page.count('<circle') == 2 * 6  # m-ifgsm, sma ×2, transfer, eot, gallery attack
+    assert page.count('class="hit"') == 3 and page.count('class="miss"') == 17  # clean 2 hits, attacked 1 hit
+    assert page.count(f"data:image/png;base64,{TINY_PNG}") == 2 + 4  # both queries, 4 gallery thumbnails
+    assert "#12" in page  # a ranked image without thumbnail shows its index
+    assert "ab" * 32 in page and "abc1234" in page and "&#34;epochs&#34;: 30" in page
+    table = json.loads((tmp_path / "site/models/m-none.json").read_text())
+    assert len(table["rows"]) == 6
+    row = next(r for r in table["rows"] if r["attack"] == "m-ifgsm-eps5")
+    assert row["attacked_reranked.mAP"] == pytest.approx(0.25) and row["clean.mAP"] == pytest.approx(0.8)
+    assert 'href="m-none.csv"' in page and 'href="m-none.json"' in page
+    # a thumbnail that is not base64 never reaches the page
+    record = json.loads((results / "v1/synthetic/m-none/m-ifgsm-eps5.json").read_text())
+    record["example"]["thumbnails"]["query"] = '" onerror="alert(1)'
+    (results / "v1/synthetic/m-none/m-ifgsm-eps5.json").write_text(json.dumps(record))
+    render_site(results, tmp_path / "site")
+    assert "onerror" not in (tmp_path / "site/models/m-none.html").read_text()
+
+
+def test_runner_records_a_compact_example(tiny_zoo_file, tiny_model, tmp_path):
+    from PIL import Image
+
+    from reidbench.protocol import Protocol, load_protocol
+    from reidbench.results import read_per_query
+    from reidbench.runner import Runner
+    from reidbench.zoo import load_zoo
+
+    zoo = load_zoo(tiny_zoo_file)
+    raw = load_protocol().raw  # two iterations are enough to check what is recorded
+    protocol = Protocol("v1", {**raw, "perturbation": {**raw["perturbation"], "iterations": 2}})
+    runner = Runner(zoo, results_root=tmp_path / "results", protocol=protocol, device="cpu", train_missing=False,
+                    rerank=False, progress=False)
+    paths = runner.run([zoo["tiny-none"]], ["m-fgsm", "m-ifgsm-gallery"])
+    records = [json.loads(p.read_text()) for p in paths]
+    query = {r["example"]["query_index"] for r in records}
+    assert len(query) == 1  # the protocol seed picks one query for every cell of a model
+    example = records[0]["example"]
+    per_query = read_per_query(paths[0])
+    index = example["query_index"]
+    assert per_query["clean_first_hit"][index] >= 0  # a query the metrics score
+    for label in ("clean", "attacked"):
+        ranking = example[label]
+        assert len(ranking["gallery_index"]) == len(ranking["match"]) == 10
+        hit = per_query[f"{label}_first_hit"][index]
+        assert (ranking["match"].index(True) if True in ranking["match"] else 10) == min(hit, 10)
+    thumbs = example["thumbnails"]
+    assert len(thumbs["gallery"]) <= 10 and set(thumbs) == {"query", "query_attacked", "gallery"}
+    images = [thumbs["query"], thumbs["query_attacked"], *thumbs["gallery"].values()]
+    decoded = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in images]
+    assert all(d.shape == (64, 32, 3) for d in decoded)
+    difference = np.abs(decoded[0].astype(int) - decoded[1].astype(int)).max()
+    assert 0 < difference <= 5 + 1  # the attacked query, within ε = 5/255 (rounding)
+    # at most 12 thumbnails of 64×32 pixels: the block stays below their raw size in base64
+    assert len(json.dumps(example)) < 12 * 64 * 32 * 3 * 4 // 3 + 2_000
+    assert "query_attacked" not in records[1]["example"]["thumbnails"]  # the gallery attack leaves the query clean
+
+
+def test_browser_sorts_a_column_and_follows_a_model_link(results, tmp_path):
+    """Headless Chromium through Qt WebEngine (``pip install reidbench[browser]``)."""
+    try:
+        found = importlib.util.find_spec("PySide6.QtWebEngineWidgets") is not None
+    except ImportError:
+        found = False
+    if not found:
+        pytest.skip("no headless Chromium: install the 'browser' extra (PySide6 Qt WebEngine)")
+    render_site(results, tmp_path / "site")
+    screenshot = tmp_path / "model-page.png"
+    run = subprocess.run([sys.executable, str(REPO / "tests/browser_check.py"), str(tmp_path / "site"), str(screenshot)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    values = [float(v) for v in report["index"]["ascending"]]
+    assert len(values) > 1 and values == sorted(values)
+    assert [float(v) for v in report["index"]["descending"]] == sorted(values, reverse=True)
+    assert report["index"]["aria"] == "descending"
+    assert report["url"].startswith("file://") and report["url"].endswith("/site/" + report["index"]["link"])
+    assert report["model"]["svgs"] == 2 and report["model"]["hits"] + report["model"]["misses"] == 20
+    assert report["screenshot"] and screenshot.stat().st_size > 10_000
+    print(f"screenshot: {screenshot}")
