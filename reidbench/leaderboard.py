@@ -73,7 +73,7 @@ PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b
 REPORTED_NUMBERS = ("reported_clean_rank1", "reported_clean_mAP", "reported_rank1", "reported_mAP")
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 
-COLUMNS = ["dataset", "split_hash", "model", "backbone", "defense", "attack", "attack_name", "threat_model",
+COLUMNS = ["dataset", "split_hash", "model", "backbone", "defense", "train_dataset", "attack", "attack_name", "threat_model",
            "clean_rank1", "clean_mAP", "rank1", "rank5", "rank10", "mAP", "mINP", "rr_clean_rank1", "rr_clean_mAP",
            "rr_rank1", "rr_mAP", "clean_var", "var", "linf", "eps", "perturbed", "flags", "wall_time_s",
            "standardized", "reported_clean_rank1", "reported_clean_mAP", "reported_rank1", "reported_mAP",
@@ -176,6 +176,9 @@ def _row(path: Path, record: dict) -> dict:
         "dataset": dataset["name"], "split_hash": str(dataset.get("split_hash", "")),
         "model": model["id"], "backbone": str(model.get("backbone", "")),
         "defense": defense.get("name", "none") if isinstance(defense, dict) else str(defense),
+        # a cross-dataset cell (train on A, test on B) is filed under B; this says A
+        "train_dataset": str((model.get("train_dataset") if isinstance(model.get("train_dataset"), dict)
+                              else dataset).get("name", dataset["name"])),
         "attack": str(record["attack_id"]), "attack_name": _attack_name(record),
         "threat_model": str(record.get("threat_model", "")),
         "clean_rank1": _fraction(clean.get("rank1")), "clean_mAP": _fraction(clean.get("mAP")),
@@ -389,7 +392,8 @@ def _by_worst_map(rows: list[dict], key: str) -> list[dict]:
     return sorted(rows, key=order)
 
 
-MODEL_COLUMNS = [Column("model", "model", kind="model"), Column("backbone", "backbone"), Column("defense", "defense")]
+MODEL_COLUMNS = [Column("model", "model", kind="model"), Column("backbone", "backbone"), Column("defense", "defense"),
+                 Column("train_dataset", "trained on")]
 CLEAN_COLUMNS = [Column("clean.rank1", "R-1", "clean", "pct"), Column("clean.mAP", "mAP", "clean", "pct")]
 VAR_GROUP = "per-identity R-1 variance (%²)"
 
@@ -422,7 +426,7 @@ def _reported_values(cells: pd.DataFrame) -> dict:
 def _model_base(model: str, cells: pd.DataFrame) -> dict:
     first = cells.iloc[0]
     measured = cells[cells["standardized"].astype(bool)]
-    return {"model": model, "backbone": first.backbone, "defense": first.defense,
+    return {"model": model, "backbone": first.backbone, "defense": first.defense, "train_dataset": first.train_dataset,
             "clean.rank1": _first(measured["clean_rank1"]), "clean.mAP": _first(measured["clean_mAP"]),
             "var.clean": _first(measured["clean_var"])}
 

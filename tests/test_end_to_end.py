@@ -99,3 +99,21 @@ def test_run_refuses_an_unknown_test_dataset(tiny_zoo_file, tmp_path, capsys):
     argv = ["run", "--model", "tiny-none", "--zoo", str(tiny_zoo_file), "--results", str(tmp_path), "--dataset", "nope"]
     assert main(argv) == 2
     assert "unknown dataset 'nope'" in capsys.readouterr().err
+
+
+def test_the_leaderboard_says_where_a_cross_dataset_row_was_trained(tmp_path):
+    from reidbench.leaderboard import results_table
+
+    record = {
+        "attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "protocol": {"version": "v1"},
+        "model": {"id": "m", "backbone": "resnet18", "defense": {"name": "none"}, "train_dataset": {"name": "synthetic"}},
+        "dataset": {"name": "market1501", "split_hash": "abc"}, "attack": {"name": "m-ifgsm"},
+        "clean": {"rank1": 0.3, "mAP": 0.2}, "attacked": {"rank1": 0.1, "mAP": 0.05, "mINP": 0.01},
+        "perturbation": {"eps": 5 / 255}, "sanity_flags": [],
+    }
+    folder = tmp_path / "results" / "v1" / "market1501" / "m"
+    folder.mkdir(parents=True)
+    (folder / "m-ifgsm-eps5.json").write_text(json.dumps(record))
+    assert list(results_table(tmp_path / "results")["train_dataset"]) == ["synthetic"]
+    html = render_site(tmp_path / "results", tmp_path / "site").read_text()
+    assert "trained on" in html and '<td data-sort="synthetic">synthetic</td>' in html
