@@ -266,7 +266,7 @@ def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = Tr
     torch.manual_seed(recipe.seed)
     model = build_model(entry.model_spec(), num_classes=split.num_train_ids)
     result = train_model(
-        model, split.train, recipe, trained_weights_dir(entry), defense=defense, device=device, progress=progress,
+        model, defense.prepare_train(split, device), recipe, trained_weights_dir(entry), defense=defense, device=device, progress=progress,
         run_key={"entry": entry.id, "recipe_key": entry.recipe_key(), "split_hash": split.split_hash,
                  "defense": entry.defense, "dataset": entry.dataset},
     )
