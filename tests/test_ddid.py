@@ -20,6 +20,16 @@ TINY_DDPM = dict(ddpm_size=[32, 16], ddpm_channels=8, ddpm_levels=[1, 2], ddpm_t
                  ddpm_steps=4, sample_steps=2, guidance=1.0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tiny convolutions gain nothing from a second thread, and on a loaded machine its
+    spin-waiting costs more than ten times the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained_ddpm(tiny_split):
     torch.manual_seed(0)

@@ -175,7 +175,6 @@ class DDID(Defense):
         ddpm = self.build_ddpm(len(ids), len(cameras) if use_cameras else 0)
         ddpm_path = root / f"ddpm-{ddpm_key}.safetensors"
         size = tuple(p["ddpm_size"])
-        generator = torch.Generator().manual_seed(p["seed"])
         if ddpm_path.is_file():
             ddpm.net.load_state_dict(load_file(str(ddpm_path)))
             ddpm.net.to(device)
@@ -183,12 +182,15 @@ class DDID(Defense):
             started = time.time()
             images = train.load_uint8(None, size)
             losses = train_ddpm(ddpm, images, id_labels, cam_labels if use_cameras else None, p["ddpm_steps"],
-                                p["ddpm_batch"], p["ddpm_lr"], generator, p["ddpm_ema"], device, progress)
+                                p["ddpm_batch"], p["ddpm_lr"], torch.Generator().manual_seed(p["seed"]), p["ddpm_ema"],
+                                device, progress)
             tenth = max(1, len(losses) // 10)
             head, tail = (sum(part) / len(part) for part in (losses[:tenth], losses[-tenth:]))
             log(f"ddid: DDPM trained in {time.time() - started:.0f}s, mean loss {head:.4f} over the first "
                 f"{tenth} steps, {tail:.4f} over the last {tenth}")
             _atomic_safetensors(ddpm.net.state_dict(), ddpm_path, {"losses": json.dumps(losses)})
+        # Its own stream: the same DDPM, trained now or loaded, gives the same set.
+        generator = torch.Generator().manual_seed(p["seed"] + 1)
         plan = plan_balance(train.pids, train.camids, p["target_quantile"], use_cameras, p["unseen_cameras"], generator)
         started = time.time()
         k = p["oversample"]

@@ -34,15 +34,15 @@ def fnes_loss(features: torch.Tensor, pids: torch.Tensor, margin: float = 0.3, e
         features = nn.functional.normalize(features, dim=1)
     dist = torch.cdist(features, features).clamp(min=1e-12)
     same = pids.view(1, -1) == pids.view(-1, 1)
-    negative = ~same
-    has_negative = negative.any(1)
+    has_negative = (~same).any(1)
     if extension_weight == 0 or not has_negative.any():
         return hard, {"fnes_hard": float(hard.detach())}
+    # Only anchors with a negative: a row of -inf logits would put NaNs into the backward pass.
+    dist, same = dist[has_negative], same[has_negative]
     hardest_pos = dist.masked_fill(~same, float("-inf")).amax(1)
     weights = torch.softmax((dist / temperature).masked_fill(same, float("-inf")), dim=1)
-    soft_far = (weights.nan_to_num(0.0) * dist).sum(1)
-    gap = hardest_pos - soft_far + margin + extension_margin
-    extension = torch.relu(gap[has_negative]).mean()
+    soft_far = (weights * dist).sum(1)
+    extension = torch.relu(hardest_pos - soft_far + margin + extension_margin).mean()
     logs = {"fnes_hard": float(hard.detach()), "fnes_far": float(extension.detach())}
     return hard + extension_weight * extension, logs
 
