@@ -4,3 +4,4 @@
 from . import baseline  # noqa: F401
 from . import adversarial, input_baselines, jad  # noqa: F401
 from . import apd  # noqa: F401
+from . import ddid  # noqa: F401

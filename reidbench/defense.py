@@ -42,7 +42,13 @@ class Defense:
         """A differentiable stand-in used in the backward pass when ``differentiable`` is False."""
         return None
 
-    # --- training (called by reidbench.train.train_model) ----------------------------
+    # --- training (called by reidbench.zoo.train_entry and reidbench.train.train_model) --
+    def prepare_train(self, split, device: str = "cpu"):
+        """The training subset the shared loop trains on, built once per training run; a
+        defense that adds training data (DDID's generated images) returns an extended subset
+        (see ``reidbench.data.concat_subsets``) and caches what is costly to rebuild."""
+        return split.train
+
     def training_batch(self, model: nn.Module, images: torch.Tensor, pids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Replace or augment a training batch (adversarial examples, proactive transforms)."""
         return images
@@ -74,7 +80,8 @@ class Defense:
     def changes_training(self) -> bool:
         """False when the defense trains exactly as the baseline (an inference transform only)."""
         cls = type(self)
-        return cls.training_batch is not Defense.training_batch or cls.training_loss is not Defense.training_loss
+        return (cls.training_batch is not Defense.training_batch or cls.training_loss is not Defense.training_loss
+                or cls.prepare_train is not Defense.prepare_train)
 
     def describe(self) -> dict:
         return {"name": self.registry_name, **self.params}

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..registry import DATASETS
-from .split import ReIDSplit, ReIDSubset, read_image, resize_uint8
+from .split import ReIDSplit, ReIDSubset, concat_subsets, read_image, resize_uint8
 
-__all__ = ["DATASETS", "ReIDSplit", "ReIDSubset", "build_dataset", "data_roots", "cache_dir", "read_image", "resize_uint8"]
+__all__ = ["DATASETS", "ReIDSplit", "ReIDSubset", "build_dataset", "concat_subsets", "data_roots", "cache_dir", "read_image", "resize_uint8"]
 
 
 def cache_dir() -> Path:

@@ -94,6 +94,19 @@ class ReIDSubset:
         return ReIDSubset(self.pids, self.camids, images=images, modality=self.modality, tracklet=self.tracklet)
 
 
+def concat_subsets(parts: Sequence[ReIDSubset], size: tuple[int, int]) -> ReIDSubset:
+    """One in-memory subset holding ``parts`` in order, every image at ``size``: e.g. a training
+    set extended with generated images. Modality and tracklet labels are kept only when every
+    part has them."""
+    def joined(name):
+        values = [getattr(p, name) for p in parts]
+        return torch.cat(values) if all(v is not None for v in values) else None
+
+    images = torch.cat([p.materialize(size).images for p in parts])
+    return ReIDSubset(joined("pids"), joined("camids"), images=images, modality=joined("modality"),
+                      tracklet=joined("tracklet"))
+
+
 @dataclass
 class ReIDSplit:
     """A dataset ready for the benchmark: disjoint train and test identities, test split into

@@ -1,0 +1,263 @@
+"""DDID, the Debiased Dual-Invariant Defense of Zhou et al., "Debiased Dual-Invariant Defense for
+Adversarially Robust Person Re-Identification" (AAAI 2026, arXiv 2511.09933).
+
+The paper names two phases and few hyperparameters; every detail below that it leaves open is
+our reading, and is a parameter of ``defense: {name: ddid, ...}``.
+
+**1. Data balancing** (paper: "a diffusion-model-based data resampling strategy that promotes
+fairness and diversity in training data", against inter-identity imbalance and low
+intra-identity diversity). Implemented in :mod:`.diffusion` and :mod:`.balance`:
+
+* Generator: a compact conditional DDPM of our own (:class:`.diffusion.ConditionalUNet`,
+  ``ddpm_channels`` × ``ddpm_levels`` multipliers, ``ddpm_blocks`` residual blocks per level,
+  no attention), conditioned on a learned identity embedding plus a camera embedding when
+  the training set has camera labels (``camera_condition``: ``auto`` uses them when present;
+  ``true`` requires them; ``false`` ignores them). Trained on the training split only, at
+  ``ddpm_size`` for ``ddpm_steps`` Adam steps (lr ``ddpm_lr``, batch ``ddpm_batch``, weight EMA
+  ``ddpm_ema``), ``ddpm_timesteps`` cosine-schedule steps, condition dropout ``cond_dropout``
+  for classifier-free guidance.
+* Sampling: DDIM with ``sample_steps`` steps and ``sample_eta`` (1: ancestral),
+  classifier-free guidance scale ``guidance``; seeded by ``seed``.
+* Resampling: each identity is topped up to the ``target_quantile`` of per-identity image
+  counts (1.0: the largest identity), its new images water-filled over cameras
+  (``unseen_cameras``: the cameras that never saw it first), each one the most novel of
+  ``oversample`` candidates by thumbnail distance (see :mod:`.balance`). Generated images
+  are resized to the dataset's image size and appended to the training set (through
+  ``Defense.prepare_train``), camid = the camera they were generated for (-1 without
+  camera conditioning).
+* The DDPM and the generated set are cached under ``cache_dir()/ddid``, keyed by the split
+  hash and every parameter that decides them, so a rerun does not regenerate.
+  ``balance: false`` skips the phase (ablation).
+
+**2. Bi-adversarial self-meta defense.** Implemented in :mod:`.meta`:
+
+* Metric adversarial training without a classifier (the paper: robustness "distributed onto
+  the classifier" degrades; no ID loss): the only loss is :func:`.meta.fnes_loss`, batch-hard
+  triplet plus farthest-negative extension softening, on the L2-normalised (``normalize``)
+  pre-neck features of the clean images and their adversarial versions together
+  (``include_clean``; the adversarial image has its clean image's identity). Our reading of
+  FNES: ``relu(d_ap − d_an⁻ + margin) + extension_weight · relu(d_ap − d̃_an + margin +
+  extension_margin)``, d̃_an the softmax(d/``temperature``)-weighted mean distance to the
+  anchor's negatives (a softened farthest negative). The recipe's ce/triplet fields are
+  not used.
+* Adversarially-enhanced self-meta (generalisation to unseen identities and unseen
+  attacks): every step splits the P identities of the P×K batch at random into meta-train
+  (``meta_train_share``, at least 2 each side) and meta-test, and draws a random ordered
+  pair of different attacks from ``meta_attacks`` (the pool's random split into a
+  meta-train and a meta-test attack). The attacks are the registered ones of ``attacks/``
+  (default m-ifgsm, sma, fna), run by the shared iterative loop on the batch as its own
+  gallery (each image its own camera, so guides are the other same-identity batch images),
+  budget ``eps_255`` / ``step_255`` / ``iterations`` (5/255, 1/255, 7: the ``at`` defense's),
+  frozen batch-norm statistics.
+* "Bi-adversarial" read as adversarial examples in both loops: the inner loss is FNES on
+  meta-train images attacked with the meta-train attack at the current weights θ; the
+  inner update θ' = θ − ``meta_lr`` ∇θ L_inner (default: the recipe's lr, MLDG's α = β;
+  Li et al., AAAI 2018) is functional (``torch.func.functional_call``), first-order by
+  default (``meta_order: first``, FOMAML: ∇θ' L_outer stands for ∇θ L_outer(θ'(θ)));
+  ``second`` back-propagates through the update. The outer loss is FNES on meta-test images
+  attacked with the meta-test attack *at θ'*. The step minimises L_inner + ``meta_weight``
+  · L_outer, through the one shared loop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from reidbench.data import cache_dir, concat_subsets
+from reidbench.data.split import ReIDSubset
+from reidbench.defense import Defense
+from reidbench.errors import ReIDBenchError
+from reidbench.progress import log
+from reidbench.registry import DEFENSES
+from reidbench.attack import build_attack
+from reidbench.train.loop import _atomic_safetensors, _atomic_torch_save, _fingerprint, relabel
+
+from .balance import has_camera_labels, plan_balance, select_diverse, thumbnail_features
+from .diffusion import ConditionalDDPM, ConditionalUNet, train_ddpm
+from .meta import AtWeights, attack_batch, check_meta_attacks, draw_meta_plan, fnes_loss
+
+#: bump when the generator or the balancing changes what a cached set would hold
+GENERATOR_VERSION = 1
+_DDPM_KEYS = ("ddpm_size", "ddpm_channels", "ddpm_levels", "ddpm_blocks", "ddpm_timesteps", "ddpm_steps",
+              "ddpm_batch", "ddpm_lr", "ddpm_ema", "cond_dropout", "seed")
+_SAMPLING_KEYS = ("sample_steps", "sample_eta", "guidance", "target_quantile", "unseen_cameras", "oversample", "seed")
+
+
+@DEFENSES.register("ddid")
+class DDID(Defense):
+    """DDID (Zhou et al., AAAI 2026): DDPM data balancing + bi-adversarial self-meta FNES training, no classifier."""
+
+    def __init__(self, balance: bool = True, camera_condition: str | bool = "auto", ddpm_size=(32, 16),
+                 ddpm_channels: int = 32, ddpm_levels=(1, 2, 2), ddpm_blocks: int = 1, ddpm_timesteps: int = 200,
+                 ddpm_steps: int = 1000, ddpm_batch: int = 32, ddpm_lr: float = 1e-3, ddpm_ema: float = 0.995,
+                 cond_dropout: float = 0.1, guidance: float = 1.5, sample_steps: int = 25, sample_eta: float = 1.0,
+                 target_quantile: float = 1.0, unseen_cameras: bool = True, oversample: int = 2, seed: int = 0,
+                 eps_255: float = 5.0, step_255: float = 1.0, iterations: int = 7,
+                 meta_attacks=("m-ifgsm", "sma", "fna"), meta_train_share: float = 0.5, meta_lr: float | None = None,
+                 meta_order: str = "first", meta_weight: float = 1.0, margin: float = 0.3,
+                 extension_margin: float = 0.3, temperature: float = 0.1, extension_weight: float = 1.0,
+                 normalize: bool = True, include_clean: bool = True):
+        if camera_condition not in ("auto", True, False):
+            raise ReIDBenchError(f"defense 'ddid': camera_condition must be auto, true or false, got {camera_condition!r}")
+        if meta_order not in ("first", "second"):
+            raise ReIDBenchError(f"defense 'ddid': meta_order must be 'first' or 'second', got '{meta_order}'")
+        if temperature <= 0:
+            raise ReIDBenchError(f"defense 'ddid': temperature must be > 0, got {temperature}")
+        if not 0 < meta_train_share < 1:
+            raise ReIDBenchError(f"defense 'ddid': meta_train_share must be in (0, 1), got {meta_train_share}")
+        if int(oversample) < 1:
+            raise ReIDBenchError(f"defense 'ddid': oversample must be >= 1, got {oversample}")
+        try:
+            size = tuple(int(v) for v in ddpm_size)
+        except (TypeError, ValueError):
+            size = ()
+        if len(size) != 2 or min(size) < 1:
+            raise ReIDBenchError(f"defense 'ddid': ddpm_size must be [height, width], got {ddpm_size!r}")
+        super().__init__(
+            balance=bool(balance), camera_condition=camera_condition, ddpm_size=list(size),
+            ddpm_channels=int(ddpm_channels), ddpm_levels=[int(m) for m in ddpm_levels], ddpm_blocks=int(ddpm_blocks),
+            ddpm_timesteps=int(ddpm_timesteps), ddpm_steps=int(ddpm_steps), ddpm_batch=int(ddpm_batch),
+            ddpm_lr=float(ddpm_lr), ddpm_ema=float(ddpm_ema), cond_dropout=float(cond_dropout),
+            guidance=float(guidance), sample_steps=int(sample_steps), sample_eta=float(sample_eta),
+            target_quantile=float(target_quantile), unseen_cameras=bool(unseen_cameras), oversample=int(oversample),
+            seed=int(seed), eps_255=float(eps_255), step_255=float(step_255), iterations=int(iterations),
+            meta_attacks=list(check_meta_attacks(meta_attacks)), meta_train_share=float(meta_train_share),
+            meta_lr=meta_lr, meta_order=meta_order, meta_weight=float(meta_weight), margin=float(margin),
+            extension_margin=float(extension_margin), temperature=float(temperature),
+            extension_weight=float(extension_weight), normalize=bool(normalize), include_clean=bool(include_clean),
+        )
+        self._plan = None
+
+    # --- phase 1: data balancing -------------------------------------------------------
+    def uses_cameras(self, split) -> bool:
+        """Whether the DDPM is conditioned on cameras for this dataset."""
+        condition = self.params["camera_condition"]
+        known = has_camera_labels(split.train.camids)
+        if condition is True and not known:
+            raise ReIDBenchError(
+                f"defense 'ddid': camera_condition is true, but dataset '{split.name}' has no camera labels "
+                "(its training camids are negative or a single camera); use camera_condition: auto or false")
+        return known if condition == "auto" else bool(condition)
+
+    def check_dataset(self, split) -> None:
+        super().check_dataset(split)
+        self.uses_cameras(split)
+
+    def build_ddpm(self, num_ids: int, num_cameras: int) -> ConditionalDDPM:
+        p = self.params
+        net = ConditionalUNet(num_ids, num_cameras, p["ddpm_channels"], p["ddpm_levels"], p["ddpm_blocks"])
+        return ConditionalDDPM(net, p["ddpm_timesteps"], p["cond_dropout"])
+
+    def prepare_train(self, split, device: str = "cpu") -> ReIDSubset:
+        if not self.params["balance"]:
+            return split.train
+        return concat_subsets([split.train, self.generated_set(split, device)], tuple(split.image_size))
+
+    def generated_set(self, split, device: str = "cpu", progress: bool = True) -> ReIDSubset:
+        """The balancing images of ``split``'s training set (cached; see the module docstring)."""
+        p = self.params
+        use_cameras = self.uses_cameras(split)
+        root = cache_dir() / "ddid"
+        ddpm_key = _fingerprint({"split": split.split_hash, "cameras": use_cameras, "version": GENERATOR_VERSION,
+                                 **{k: p[k] for k in _DDPM_KEYS}})
+        generated_path = root / f"generated-{_fingerprint({'ddpm': ddpm_key, **{k: p[k] for k in _SAMPLING_KEYS}})}.pt"
+        if generated_path.is_file():
+            data = torch.load(generated_path, weights_only=True)
+            return ReIDSubset(data["pids"], data["camids"], images=data["images"])
+        root.mkdir(parents=True, exist_ok=True)
+        train = split.train
+        ids, id_labels = torch.unique(train.pids, return_inverse=True)
+        cameras, cam_labels = torch.unique(train.camids, return_inverse=True)
+        ddpm = self.build_ddpm(len(ids), len(cameras) if use_cameras else 0)
+        ddpm_path = root / f"ddpm-{ddpm_key}.safetensors"
+        size = tuple(p["ddpm_size"])
+        if ddpm_path.is_file():
+            ddpm.net.load_state_dict(load_file(str(ddpm_path)))
+            ddpm.net.to(device)
+        else:
+            started = time.time()
+            images = train.load_uint8(None, size)
+            losses = train_ddpm(ddpm, images, id_labels, cam_labels if use_cameras else None, p["ddpm_steps"],
+                                p["ddpm_batch"], p["ddpm_lr"], torch.Generator().manual_seed(p["seed"]), p["ddpm_ema"],
+                                device, progress)
+            tenth = max(1, len(losses) // 10)
+            head, tail = (sum(part) / len(part) for part in (losses[:tenth], losses[-tenth:]))
+            log(f"ddid: DDPM trained in {time.time() - started:.0f}s, mean loss {head:.4f} over the first "
+                f"{tenth} steps, {tail:.4f} over the last {tenth}")
+            _atomic_safetensors(ddpm.net.state_dict(), ddpm_path, {"losses": json.dumps(losses)})
+        # Its own stream: the same DDPM, trained now or loaded, gives the same set.
+        generator = torch.Generator().manual_seed(p["seed"] + 1)
+        plan = plan_balance(train.pids, train.camids, p["target_quantile"], use_cameras, p["unseen_cameras"], generator)
+        started = time.time()
+        k = p["oversample"]
+        class_ids = torch.searchsorted(ids, plan.pids).repeat_interleave(k)
+        class_cams = (torch.searchsorted(cameras, plan.camids) if use_cameras else plan.camids).repeat_interleave(k)
+        candidates = ddpm.sample(class_ids, class_cams if use_cameras else None, size, p["sample_steps"],
+                                 p["sample_eta"], p["guidance"], generator, progress=progress)
+        feats = thumbnail_features(candidates)
+        real = thumbnail_features(train.load_uint8(None, size))
+        references = {int(pid): real[train.pids == pid] for pid in torch.unique(plan.pids)}
+        keep = select_diverse(feats, torch.arange(len(plan)).repeat_interleave(k), plan.pids, references)
+        images = candidates[keep].mul(255).round().to(torch.uint8)
+        log(f"ddid: generated {len(plan)} images ({k} candidates each) in {time.time() - started:.0f}s, "
+            f"{plan.target} per identity")
+        _atomic_torch_save({"images": images, "pids": plan.pids, "camids": plan.camids}, generated_path)
+        return ReIDSubset(plan.pids, plan.camids, images=images)
+
+    # --- phase 2: bi-adversarial self-meta training ------------------------------------
+    def _attack(self, name: str, seed: int):
+        p = self.params
+        return build_attack(name, eps=p["eps_255"] / 255.0, step=p["step_255"] / 255.0, iterations=p["iterations"],
+                            seed=seed)
+
+    def training_batch(self, model, images, pids, generator):
+        # The meta split is drawn here, from the loop's generator (a resumed run draws the
+        # same), and the meta-train images are attacked at the current weights; the
+        # meta-test attack needs the inner-updated weights, so it runs in training_loss.
+        plan = draw_meta_plan(pids, tuple(self.params["meta_attacks"]), self.params["meta_train_share"], generator)
+        was_training = model.training
+        rows = plan.train_rows
+        plan.inner_adversarial = attack_batch(model, self._attack(plan.inner_attack, plan.inner_seed), images[rows],
+                                              pids[rows], plan.inner_seed).to(images.dtype)
+        model.train(was_training)
+        self._plan = plan
+        return images
+
+    def _side_loss(self, model, weights, clean, adversarial, pids):
+        from torch.func import functional_call
+
+        p = self.params
+        x, y = (torch.cat([clean, adversarial]), torch.cat([pids, pids])) if p["include_clean"] else (adversarial, pids)
+        _, feats = functional_call(model, weights, (x,))
+        return fnes_loss(feats, y, p["margin"], p["extension_margin"], p["temperature"], p["extension_weight"],
+                         p["normalize"])
+
+    def training_loss(self, model, images, pids, recipe):
+        plan, self._plan = self._plan, None
+        if plan is None:
+            raise ReIDBenchError("defense 'ddid': training_loss needs the meta split of training_batch; call it first")
+        p = self.params
+        weights = {name: w for name, w in model.named_parameters() if w.requires_grad}
+        tr, te = plan.train_rows, plan.test_rows
+        inner, inner_logs = self._side_loss(model, weights, images[tr], plan.inner_adversarial, pids[tr])
+        second = p["meta_order"] == "second"
+        # The graph is kept: the step's loss is L_inner + L_outer, and L_inner is back-propagated again.
+        grads = torch.autograd.grad(inner, list(weights.values()), retain_graph=True, create_graph=second,
+                                    allow_unused=True)
+        meta_lr = recipe.lr if p["meta_lr"] is None else float(p["meta_lr"])
+        updated = {name: w if g is None else w - meta_lr * (g if second else g.detach())
+                   for (name, w), g in zip(weights.items(), grads)}
+        with torch.autocast(images.device.type, enabled=False):
+            target = AtWeights(model, {name: w.detach() for name, w in updated.items()})
+            adversarial = attack_batch(target, self._attack(plan.outer_attack, plan.outer_seed), images[te].float(),
+                                       pids[te], plan.outer_seed).to(images.dtype)
+        model.train()
+        outer, outer_logs = self._side_loss(model, updated, images[te], adversarial, pids[te])
+        logs = {f"inner_{k}": v for k, v in inner_logs.items()}
+        logs.update({f"outer_{k}": v for k, v in outer_logs.items()})
+        logs.update(inner=float(inner.detach()), outer=float(outer.detach()))
+        return inner + p["meta_weight"] * outer, logs
