@@ -66,22 +66,63 @@ def test_sampling_gives_images_in_range_of_the_asked_identities(trained_ddpm):
     assert torch.equal(out, again) and not torch.allclose(out, other)
     guided = ddpm.sample(ids, cams, (32, 16), steps=4, guidance=2.0, generator=torch.Generator().manual_seed(1))
     assert guided.shape == out.shape and guided.min() >= 0 and guided.max() <= 1
+    # A top-up image of the balancing has no camera: it is sampled with the null camera condition.
+    any_camera = torch.full_like(cams, ddpm.net.num_cameras)
+    free = ddpm.sample(ids, any_camera, (32, 16), steps=4, guidance=2.0, generator=torch.Generator().manual_seed(1))
+    assert free.shape == out.shape and not torch.allclose(free, guided)
 
 
-def test_balancing_plan_brings_every_identity_to_the_target_spread_over_cameras():
+def _three_identities():
+    """Identity 0: 3 images, all camera 0; 1: 5 images, 4 of them camera 1; 2: 8 images over 3 cameras."""
     pids = torch.tensor([0] * 3 + [1] * 5 + [2] * 8)
     camids = torch.tensor([0, 0, 0] + [0, 1, 1, 1, 1] + [0, 1, 2, 0, 1, 2, 0, 1])
-    plan = plan_balance(pids, camids, target_quantile=1.0, generator=torch.Generator().manual_seed(0))
+    return pids, camids
+
+
+def test_balancing_plan_follows_the_papers_two_rules_by_hand():
+    pids, camids = _three_identities()
+    plan = plan_balance(pids, camids, min_images=6, camera_share=0.5, generator=torch.Generator().manual_seed(0))
+    # Rule 1 (δ1 = 6): 3 top-ups for identity 0, 1 for identity 1, none for identity 2, all with the null camera.
+    # Rule 2 (δ2 = 0.5): identity 0's camera 0 holds 3/3, identity 1's camera 1 holds 4/5, identity 2's best 3/8,
+    # so one image for each other camera of {0, 1, 2} for identities 0 and 1.
+    assert plan.target == 6 and plan.diversify == 4
+    assert plan.pids.tolist() == [0, 0, 0, 1, 0, 0, 1, 1]
+    assert plan.camids.tolist() == [NO_CAMERA] * 4 + [1, 2, 0, 2]
+    # The share must exceed δ2: at 0.8 identity 1 (4/5) is left alone.
+    assert plan_balance(pids, camids, min_images=6, camera_share=0.8).camids.tolist() == [NO_CAMERA] * 4 + [1, 2]
+    # Own cameras only (ablation): identity 0 has no other camera, identity 1 gets camera 0.
+    own = plan_balance(pids, camids, min_images=6, unseen_cameras=False)
+    assert own.camids.tolist()[4:] == [0] and own.pids.tolist()[4:] == [1]
+    # camera_share 1 and no cameras both turn rule 2 off.
+    assert plan_balance(pids, camids, min_images=6, camera_share=1.0).diversify == 0
+    assert plan_balance(pids, camids, min_images=6, use_cameras=False).camids.tolist() == [NO_CAMERA] * 4
+
+
+def test_balancing_plan_top_up_target_and_camera_fill():
+    pids, camids = _three_identities()
+    plan = plan_balance(pids, camids, target_quantile=1.0, camera_share=1.0, topup_cameras="fill",
+                        generator=torch.Generator().manual_seed(0))
     assert plan.target == 8
-    total = torch.bincount(torch.cat([pids, plan.pids]), minlength=3)
-    assert total.tolist() == [8, 8, 8]
+    assert torch.bincount(torch.cat([pids, plan.pids]), minlength=3).tolist() == [8, 8, 8]
     # Identity 0 was seen by camera 0 only: its 5 new images go to the unseen cameras 1 and 2 first.
     per_camera = torch.bincount(torch.cat([camids[pids == 0], plan.camids[plan.pids == 0]]), minlength=3)
     assert per_camera.max() - per_camera.min() <= 1
-    own = plan_balance(pids, camids, target_quantile=1.0, unseen_cameras=False)
+    own = plan_balance(pids, camids, target_quantile=1.0, camera_share=1.0, unseen_cameras=False, topup_cameras="fill")
     assert set(own.camids[own.pids == 0].tolist()) == {0}
     median = plan_balance(pids, camids, target_quantile=0.5, use_cameras=False)
     assert median.target == 5 and median.pids.tolist() == [0, 0] and set(median.camids.tolist()) == {NO_CAMERA}
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"min_images": 0}, "min_images must be a positive integer or null, got 0"),
+    ({"camera_share": 0}, r"camera_share must be in \(0, 1\]"),
+    ({"topup_cameras": "all"}, "topup_cameras must be one of none, fill, got 'all'"),
+    ({"target_quantile": 1.5}, r"target_quantile must be in \(0, 1\]"),
+])
+def test_balancing_option_out_of_range_is_one_clear_line(option, message):
+    with pytest.raises(ReIDBenchError, match=message) as err:
+        build_defense({"name": "ddid", **option})
+    assert "\n" not in str(err.value)
 
 
 def test_diverse_selection_drops_a_copy_of_a_real_image():
@@ -96,11 +137,13 @@ def test_diverse_selection_drops_a_copy_of_a_real_image():
 def test_prepare_train_appends_a_balanced_cached_generated_set(tiny_split, monkeypatch):
     defense = build_defense({"name": "ddid", **TINY_DDPM})
     train = defense.prepare_train(tiny_split)
-    counts = torch.unique(train.pids, return_counts=True)[1]
-    assert counts.min() == counts.max() == torch.unique(tiny_split.train.pids, return_counts=True)[1].max()
+    real = tiny_split.train
+    plan = plan_balance(real.pids, real.camids, generator=torch.Generator().manual_seed(1))
+    assert plan.diversify > 0 and len(plan) > plan.diversify  # the tiny split exercises both rules
+    assert torch.equal(train.pids[len(real):], plan.pids) and torch.equal(train.camids[len(real):], plan.camids)
+    assert torch.unique(train.pids, return_counts=True)[1].min() >= torch.unique(real.pids, return_counts=True)[1].max()
     assert train.images.shape[1:] == (3, *tiny_split.image_size)
-    assert torch.equal(train.images[: len(tiny_split.train)], tiny_split.train.images)
-    assert (train.camids[len(tiny_split.train):] >= 0).all()
+    assert torch.equal(train.images[: len(real)], real.images)
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached generated set must not be regenerated")

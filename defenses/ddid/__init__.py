@@ -1,62 +1,68 @@
 """DDID, the Debiased Dual-Invariant Defense of Zhou et al., "Debiased Dual-Invariant Defense for
-Adversarially Robust Person Re-Identification" (AAAI 2026, arXiv 2511.09933).
+Adversarially Robust Person Re-Identification" (AAAI 2026, arXiv 2511.09933; the authors' code,
+github.com/zchuanqi/DDDefense-ReID, was not available to us).
 
-The paper names two phases and few hyperparameters; every detail below that it leaves open is
-our reading, and is a parameter of ``defense: {name: ddid, ...}``.
+Every choice is a parameter of ``defense: {name: ddid, ...}``. Each item says where it comes
+from: **[paper]** what the paper states (section named), **[ours]** our choice where the text
+we could read leaves it open. Of the paper we could read the abstract, the introduction's
+challenges and the data-balancing rules; the equations of FNES and of the self-meta step, and
+the experimental settings, were not available to us, so phase 2 below is our reading of the
+paper's description.
 
-**1. Data balancing** (paper: "a diffusion-model-based data resampling strategy that promotes
-fairness and diversity in training data", against inter-identity imbalance and low
-intra-identity diversity). Implemented in :mod:`.diffusion` and :mod:`.balance`:
+**1. Data balancing** (:mod:`.diffusion`, :mod:`.balance`).
 
-* Generator: a compact conditional DDPM of our own (:class:`.diffusion.ConditionalUNet`,
+* [paper, Abstract/Introduction] Purpose: a diffusion-model-based resampling against
+  inter-identity imbalance and low intra-identity diversity (model bias: per-identity
+  accuracy variance rises from 18.78 to 23.40 under adversarial training).
+* [paper, Data Balancing] Two rules on the real training images: an identity with n_i < δ1
+  images gets δ1 − n_i images of an identity-conditional diffusion model; an identity whose
+  most frequent camera holds more than δ2 of its images gets one image for each other camera.
+  See :mod:`.balance` for the parameters (``min_images`` / ``target_quantile`` for δ1,
+  ``camera_share`` for δ2, ``topup_cameras``, ``unseen_cameras``).
+* [ours] δ1 default: the largest identity's count (``target_quantile: 1.0``); δ2 default 0.5.
+* [ours] Generator: a compact conditional DDPM (:class:`.diffusion.ConditionalUNet`,
   ``ddpm_channels`` × ``ddpm_levels`` multipliers, ``ddpm_blocks`` residual blocks per level,
-  no attention), conditioned on a learned identity embedding plus a camera embedding when
-  the training set has camera labels (``camera_condition``: ``auto`` uses them when present;
-  ``true`` requires them; ``false`` ignores them). Trained on the training split only, at
-  ``ddpm_size`` for ``ddpm_steps`` Adam steps (lr ``ddpm_lr``, batch ``ddpm_batch``, weight EMA
-  ``ddpm_ema``), ``ddpm_timesteps`` cosine-schedule steps, condition dropout ``cond_dropout``
-  for classifier-free guidance.
-* Sampling: DDIM with ``sample_steps`` steps and ``sample_eta`` (1: ancestral),
-  classifier-free guidance scale ``guidance``; seeded by ``seed``.
-* Resampling: each identity is topped up to the ``target_quantile`` of per-identity image
-  counts (1.0: the largest identity), its new images water-filled over cameras
-  (``unseen_cameras``: the cameras that never saw it first), each one the most novel of
-  ``oversample`` candidates by thumbnail distance (see :mod:`.balance`). Generated images
-  are resized to the dataset's image size and appended to the training set (through
-  ``Defense.prepare_train``), camid = the camera they were generated for (-1 without
-  camera conditioning).
-* The DDPM and the generated set are cached under ``cache_dir()/ddid``, keyed by the split
-  hash and every parameter that decides them, so a rerun does not regenerate.
-  ``balance: false`` skips the phase (ablation).
+  no attention), conditioned on a learned identity embedding plus a camera embedding when the
+  training set has camera labels (``camera_condition``: ``auto`` uses them when present;
+  ``true`` requires them; ``false`` ignores them and drops the camera rule). The camera rule
+  needs camera conditioning, which the paper's rule implies. Trained on the training split
+  only, at ``ddpm_size`` for ``ddpm_steps`` Adam steps (lr ``ddpm_lr``, batch ``ddpm_batch``,
+  weight EMA ``ddpm_ema``), ``ddpm_timesteps`` cosine-schedule steps, condition dropout
+  ``cond_dropout`` (which also gives the null camera condition of the top-up images).
+* [ours] Sampling: DDIM with ``sample_steps`` steps and ``sample_eta`` (1: ancestral),
+  classifier-free guidance scale ``guidance``; seeded by ``seed``. ``oversample`` > 1 adds our
+  dedupe (off by default). Generated images are resized to the dataset's image size and
+  appended to the training set (through ``Defense.prepare_train``), camid = the camera they
+  were generated for (-1 for the null camera).
+* [ours] The DDPM and the generated set are cached under ``cache_dir()/ddid``, keyed by the
+  split hash and every parameter that decides them. ``balance: false`` skips the phase.
 
-**2. Bi-adversarial self-meta defense.** Implemented in :mod:`.meta`:
+**2. Bi-adversarial self-meta defense** (:mod:`.meta`).
 
-* Metric adversarial training without a classifier (the paper: robustness "distributed onto
-  the classifier" degrades; no ID loss): the only loss is :func:`.meta.fnes_loss`, batch-hard
-  triplet plus farthest-negative extension softening, on the L2-normalised (``normalize``)
-  pre-neck features of the clean images and their adversarial versions together
-  (``include_clean``; the adversarial image has its clean image's identity). Our reading of
-  FNES: ``relu(d_ap − d_an⁻ + margin) + extension_weight · relu(d_ap − d̃_an + margin +
-  extension_margin)``, d̃_an the softmax(d/``temperature``)-weighted mean distance to the
-  anchor's negatives (a softened farthest negative). The recipe's ce/triplet fields are
-  not used.
-* Adversarially-enhanced self-meta (generalisation to unseen identities and unseen
-  attacks): every step splits the P identities of the P×K batch at random into meta-train
-  (``meta_train_share``, at least 2 each side) and meta-test, and draws a random ordered
-  pair of different attacks from ``meta_attacks`` (the pool's random split into a
-  meta-train and a meta-test attack). The attacks are the registered ones of ``attacks/``
-  (default m-ifgsm, sma, fna), run by the shared iterative loop on the batch as its own
-  gallery (each image its own camera, so guides are the other same-identity batch images),
-  budget ``eps_255`` / ``step_255`` / ``iterations`` (5/255, 1/255, 7: the ``at`` defense's),
-  frozen batch-norm statistics.
-* "Bi-adversarial" read as adversarial examples in both loops: the inner loss is FNES on
-  meta-train images attacked with the meta-train attack at the current weights θ; the
-  inner update θ' = θ − ``meta_lr`` ∇θ L_inner (default: the recipe's lr, MLDG's α = β;
-  Li et al., AAAI 2018) is functional (``torch.func.functional_call``), first-order by
-  default (``meta_order: first``, FOMAML: ∇θ' L_outer stands for ∇θ L_outer(θ'(θ)));
-  ``second`` back-propagates through the update. The outer loss is FNES on meta-test images
-  attacked with the meta-test attack *at θ'*. The step minimises L_inner + ``meta_weight``
-  · L_outer, through the one shared loop.
+* [paper, Abstract/Introduction] No classifier: robustness learnt by adversarial training is
+  partly "distributed onto the classifier", which ReID drops at test time, so the encoder is
+  trained by metric adversarial training with farthest negative extension softening (FNES).
+  The recipe's ce/triplet fields are not used.
+* [ours] FNES as we read the name: :func:`.meta.fnes_loss`, ``relu(d_ap − d_an⁻ + margin) +
+  extension_weight · relu(d_ap − d̃_an + margin + extension_margin)``, d̃_an the
+  softmax(d/``temperature``)-weighted mean distance to the anchor's negatives (a softened
+  farthest negative), on the L2-normalised (``normalize``) pre-neck features of the clean
+  images and their adversarial versions together (``include_clean``; an adversarial image
+  has its clean image's identity). Defaults margin 0.3, extension_margin 0.3, τ 0.1, λ 1.
+* [paper, Abstract] Adversarially-enhanced self-meta learning for generalisation to unseen
+  identities and unseen attack types. [ours] every step splits the P identities of the P×K
+  batch at random into meta-train (``meta_train_share``, at least 2 each side) and meta-test,
+  and draws an ordered pair of different attacks from ``meta_attacks`` (default m-ifgsm, sma,
+  fna: registered attacks of ``attacks/``, run by the shared iterative loop on the batch as
+  its own gallery, each image its own camera), budget ``eps_255`` / ``step_255`` /
+  ``iterations`` (5/255, 1/255, 7: the ``at`` defense's), frozen batch-norm statistics.
+* [ours] "Bi-adversarial" read as adversarial examples in both loops: the inner loss is FNES on
+  meta-train images attacked with the meta-train attack at the current weights θ; the inner
+  update θ' = θ − ``meta_lr`` ∇θ L_inner (default: the recipe's lr, MLDG's α = β; Li et al.,
+  AAAI 2018) is functional (``torch.func.functional_call``), first-order by default
+  (``meta_order: first``); ``second`` back-propagates through the update. The outer loss is
+  FNES on meta-test images attacked with the meta-test attack at θ'. The step minimises
+  L_inner + ``meta_weight`` · L_outer, through the one shared loop.
 """
 
 from __future__ import annotations
@@ -76,15 +82,16 @@ from reidbench.registry import DEFENSES
 from reidbench.attack import build_attack
 from reidbench.train.loop import _atomic_safetensors, _atomic_torch_save, _fingerprint, relabel
 
-from .balance import has_camera_labels, plan_balance, select_diverse, thumbnail_features
+from .balance import NO_CAMERA, check_balance_options, has_camera_labels, plan_balance, select_diverse, thumbnail_features
 from .diffusion import ConditionalDDPM, ConditionalUNet, train_ddpm
 from .meta import AtWeights, attack_batch, check_meta_attacks, draw_meta_plan, fnes_loss
 
 #: bump when the generator or the balancing changes what a cached set would hold
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 _DDPM_KEYS = ("ddpm_size", "ddpm_channels", "ddpm_levels", "ddpm_blocks", "ddpm_timesteps", "ddpm_steps",
               "ddpm_batch", "ddpm_lr", "ddpm_ema", "cond_dropout", "seed")
-_SAMPLING_KEYS = ("sample_steps", "sample_eta", "guidance", "target_quantile", "unseen_cameras", "oversample", "seed")
+_SAMPLING_KEYS = ("sample_steps", "sample_eta", "guidance", "target_quantile", "min_images", "camera_share",
+                  "topup_cameras", "unseen_cameras", "oversample", "seed")
 
 
 @DEFENSES.register("ddid")
@@ -95,7 +102,8 @@ class DDID(Defense):
                  ddpm_channels: int = 32, ddpm_levels=(1, 2, 2), ddpm_blocks: int = 1, ddpm_timesteps: int = 200,
                  ddpm_steps: int = 1000, ddpm_batch: int = 32, ddpm_lr: float = 1e-3, ddpm_ema: float = 0.995,
                  cond_dropout: float = 0.1, guidance: float = 1.5, sample_steps: int = 25, sample_eta: float = 1.0,
-                 target_quantile: float = 1.0, unseen_cameras: bool = True, oversample: int = 2, seed: int = 0,
+                 target_quantile: float = 1.0, min_images: int | None = None, camera_share: float = 0.5,
+                 topup_cameras: str = "none", unseen_cameras: bool = True, oversample: int = 1, seed: int = 0,
                  eps_255: float = 5.0, step_255: float = 1.0, iterations: int = 7,
                  meta_attacks=("m-ifgsm", "sma", "fna"), meta_train_share: float = 0.5, meta_lr: float | None = None,
                  meta_order: str = "first", meta_weight: float = 1.0, margin: float = 0.3,
@@ -109,6 +117,7 @@ class DDID(Defense):
             raise ReIDBenchError(f"defense 'ddid': temperature must be > 0, got {temperature}")
         if not 0 < meta_train_share < 1:
             raise ReIDBenchError(f"defense 'ddid': meta_train_share must be in (0, 1), got {meta_train_share}")
+        check_balance_options(float(target_quantile), min_images, float(camera_share), topup_cameras)
         if int(oversample) < 1:
             raise ReIDBenchError(f"defense 'ddid': oversample must be >= 1, got {oversample}")
         try:
@@ -123,7 +132,8 @@ class DDID(Defense):
             ddpm_timesteps=int(ddpm_timesteps), ddpm_steps=int(ddpm_steps), ddpm_batch=int(ddpm_batch),
             ddpm_lr=float(ddpm_lr), ddpm_ema=float(ddpm_ema), cond_dropout=float(cond_dropout),
             guidance=float(guidance), sample_steps=int(sample_steps), sample_eta=float(sample_eta),
-            target_quantile=float(target_quantile), unseen_cameras=bool(unseen_cameras), oversample=int(oversample),
+            target_quantile=float(target_quantile), min_images=min_images, camera_share=float(camera_share),
+            topup_cameras=topup_cameras, unseen_cameras=bool(unseen_cameras), oversample=int(oversample),
             seed=int(seed), eps_255=float(eps_255), step_255=float(step_255), iterations=int(iterations),
             meta_attacks=list(check_meta_attacks(meta_attacks)), meta_train_share=float(meta_train_share),
             meta_lr=meta_lr, meta_order=meta_order, meta_weight=float(meta_weight), margin=float(margin),
@@ -191,11 +201,14 @@ class DDID(Defense):
             _atomic_safetensors(ddpm.net.state_dict(), ddpm_path, {"losses": json.dumps(losses)})
         # Its own stream: the same DDPM, trained now or loaded, gives the same set.
         generator = torch.Generator().manual_seed(p["seed"] + 1)
-        plan = plan_balance(train.pids, train.camids, p["target_quantile"], use_cameras, p["unseen_cameras"], generator)
+        plan = plan_balance(train.pids, train.camids, p["target_quantile"], use_cameras, p["unseen_cameras"], generator,
+                            p["min_images"], p["camera_share"], p["topup_cameras"])
         started = time.time()
         k = p["oversample"]
         class_ids = torch.searchsorted(ids, plan.pids).repeat_interleave(k)
-        class_cams = (torch.searchsorted(cameras, plan.camids) if use_cameras else plan.camids).repeat_interleave(k)
+        # A top-up image without a camera is sampled with the null camera condition (index len(cameras)).
+        class_cams = (torch.where(plan.camids == NO_CAMERA, len(cameras), torch.searchsorted(cameras, plan.camids))
+                      if use_cameras else plan.camids).repeat_interleave(k)
         candidates = ddpm.sample(class_ids, class_cams if use_cameras else None, size, p["sample_steps"],
                                  p["sample_eta"], p["guidance"], generator, progress=progress)
         feats = thumbnail_features(candidates)
@@ -203,8 +216,8 @@ class DDID(Defense):
         references = {int(pid): real[train.pids == pid] for pid in torch.unique(plan.pids)}
         keep = select_diverse(feats, torch.arange(len(plan)).repeat_interleave(k), plan.pids, references)
         images = candidates[keep].mul(255).round().to(torch.uint8)
-        log(f"ddid: generated {len(plan)} images ({k} candidates each) in {time.time() - started:.0f}s, "
-            f"{plan.target} per identity")
+        log(f"ddid: generated {len(plan)} images ({k} candidate(s) each) in {time.time() - started:.0f}s: "
+            f"{len(plan) - plan.diversify} top-ups to {plan.target} per identity, {plan.diversify} for cameras")
         _atomic_torch_save({"images": images, "pids": plan.pids, "camids": plan.camids}, generated_path)
         return ReIDSubset(plan.pids, plan.camids, images=images)
 
