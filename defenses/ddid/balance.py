@@ -72,7 +72,8 @@ def check_balance_options(target_quantile: float, min_images, camera_share: floa
     if not 0 < camera_share <= 1:
         raise ReIDBenchError(f"defense 'ddid': camera_share must be in (0, 1] (1: no camera rule), got {camera_share}")
     if topup_cameras not in TOPUP_CAMERAS:
-        raise ReIDBenchError(f"defense 'ddid': topup_cameras must be one of {', '.join(TOPUP_CAMERAS)}, got {topup_cameras!r}")
+        raise ReIDBenchError(f"defense 'ddid': topup_cameras must be one of {', '.join(TOPUP_CAMERAS)}, "
+                             f"got {topup_cameras!r}")
 
 
 def plan_balance(pids: torch.Tensor, camids: torch.Tensor, target_quantile: float = 1.0, use_cameras: bool = True,
@@ -85,7 +86,10 @@ def plan_balance(pids: torch.Tensor, camids: torch.Tensor, target_quantile: floa
     generator = generator or torch.Generator().manual_seed(0)
     pids, camids = torch.as_tensor(pids).long(), torch.as_tensor(camids).long()
     ids, counts = torch.unique(pids, return_counts=True)
-    target = int(min_images) if min_images is not None else int(math.ceil(float(torch.quantile(counts.double(), target_quantile))))
+    if min_images is None:
+        target = int(math.ceil(float(torch.quantile(counts.double(), target_quantile))))
+    else:
+        target = int(min_images)
     all_cameras = torch.unique(camids)
     topup_pids, topup_cams, extra_pids, extra_cams = [], [], [], []
     for pid, count in zip(ids.tolist(), counts.tolist()):
