@@ -148,17 +148,22 @@ def load_zoo(path: Optional[str | Path] = None) -> dict[str, ZooEntry]:
 
 
 def _check_shared_weights(entry: ZooEntry, base: ZooEntry) -> None:
-    """An entry may reuse another's trained weights only if it is that very model behind an
-    inference-time transform: same backbone, model, dataset, and a defense that trains as is."""
+    """An entry may reuse another's trained weights only if it is that very model, behind an
+    inference-time transform or evaluated another way: same backbone, model and training data
+    (dataset options that only change the evaluation, such as a cross-modality ``direction``,
+    may differ), and the same defense or one that trains as is."""
+    from .data import training_options
     from .defense import build_defense
 
     where = f"entry '{entry.id}': weights.from '{base.id}'"
     if "from" in base.weights:
         raise ReIDBenchError(f"{where} itself borrows its weights; name the entry that trains them")
-    for name in ("backbone", "model", "dataset"):
+    for name in ("backbone", "model"):
         if getattr(entry, name) != getattr(base, name):
             raise ReIDBenchError(f"{where} has another {name}; only the defense may differ")
-    if build_defense(entry.defense).changes_training:
+    if training_options(entry.dataset) != training_options(base.dataset):
+        raise ReIDBenchError(f"{where} has another dataset; only the defense may differ")
+    if entry.defense != base.defense and build_defense(entry.defense).changes_training:
         raise ReIDBenchError(f"{where}: defense '{entry.defense['name']}' changes training, so it needs its own weights")
 
 
@@ -257,7 +262,7 @@ def _check_recipe_key(path: Path, entry_id: str, expected: str) -> None:
 def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = True) -> Path:
     """Train an entry's recipe on its dataset with the shared loop; returns the weights file."""
     from .defense import build_defense
-    from .models import build_model
+    from .models import build_model, check_model_fits
     from .train import Recipe, train_model
 
     defense = build_defense(entry.defense)
@@ -265,6 +270,7 @@ def train_entry(entry: ZooEntry, split, device: str = "cpu", progress: bool = Tr
     recipe = Recipe.from_dict(entry.recipe)
     torch.manual_seed(recipe.seed)
     model = build_model(entry.model_spec(), num_classes=split.num_train_ids)
+    check_model_fits(model, split, f"model '{entry.id}'")
     result = train_model(
         model, split.train, recipe, trained_weights_dir(entry), defense=defense, device=device, progress=progress,
         run_key={"entry": entry.id, "recipe_key": entry.recipe_key(), "split_hash": split.split_hash,

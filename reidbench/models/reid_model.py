@@ -130,9 +130,13 @@ class ReIDModel(nn.Module):
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] to the backbone's mean/std input space."""
+        return (x - self.mean) / self.std
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled global feature before the neck, for images in [0, 1]."""
-        x = (x - self.mean) / self.std
+        x = self.normalize(x)
         if self.pool is None:
             return self.backbone(x)
         fmap = self.backbone.forward_features(x)
@@ -148,11 +152,17 @@ class ReIDModel(nn.Module):
 
 
 def build_model(spec: dict, num_classes: int = 0) -> ReIDModel:
-    """Build a :class:`ReIDModel` from a zoo entry's ``model`` mapping."""
-    allowed = {"backbone", "pretrained", "last_stride", "pooling", "neck", "embedding", "input_size", "mean", "std"}
+    """Build a :class:`ReIDModel` from a zoo entry's ``model`` mapping; with a ``video``
+    option, the tracklet model :class:`~reidbench.models.video.VideoReIDModel`."""
+    allowed = {"backbone", "pretrained", "last_stride", "pooling", "neck", "embedding", "input_size", "mean", "std",
+               "video"}
     unknown = set(spec) - allowed
     if unknown:
         raise ReIDBenchError(f"unknown model option(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
+    if "video" in spec:
+        from .video import VideoReIDModel
+
+        return VideoReIDModel(num_classes=num_classes, **spec)
     return ReIDModel(num_classes=num_classes, **spec)
 
 

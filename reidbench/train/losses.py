@@ -37,6 +37,12 @@ def reid_loss(model, images: torch.Tensor, pids: torch.Tensor, recipe) -> tuple[
     """The standard objective: label-smoothed cross-entropy on the BNNeck logits plus
     batch-hard triplet on the pre-neck features. ``pids`` are contiguous training labels."""
     logits, features = model(images)
+    return reid_objective(logits, features, pids, recipe)
+
+
+def reid_objective(logits: Optional[torch.Tensor], features: torch.Tensor, pids: torch.Tensor,
+                   recipe) -> tuple[torch.Tensor, dict]:
+    """:func:`reid_loss` on the outputs of a training-mode forward pass."""
     triplet = batch_hard_triplet(features, pids, recipe.triplet_margin)
     loss = recipe.triplet_weight * triplet
     logs = {"triplet": float(triplet.detach())}
