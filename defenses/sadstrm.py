@@ -19,19 +19,22 @@ the activated samples; a spatial-temporal relation network aggregates the frames
   are one signed gradient-ascent step from zero, ``Δ = style_eps · s · sign(∇_Δ J)``, where
   ``s`` is the batch standard deviation of that statistic per channel (so the shift stays
   within the range of styles the batch actually shows) and the attack objective ``J`` is
-  the identity cross-entropy plus ``gap_weight`` times the cross-modality gap (squared
-  distance between each identity's visible and infrared centres of L2-normalised
-  features, :func:`modality_gap`): the shift moves
-  each frame's style in the direction that most hurts identity and most separates the
-  modalities. ``Δσ`` is kept above ``-σ/2`` so the shifted style stays a style.
+  the identity cross-entropy plus ``gap_weight`` times the cross-modality gap
+  (:func:`modality_gap`, the squared distance between each identity's visible and infrared
+  feature centres): the shift moves each frame's style in the direction that most hurts
+  identity and most separates the modalities. ``Δσ`` is kept above ``-σ/2`` so the shifted
+  style stays a style.
 * **Defense.** Loss = standard loss (label-smoothed cross-entropy + batch-hard triplet, the
   recipe's weights) on clean tracklets + ``adversarial_weight`` × the same loss on the
   self-attacked ones (adversarial training) + ``center_weight`` × the hetero-centre loss
-  (Zhu et al., Neurocomputing 2020: squared distance between each identity's visible and
-  infrared centres; here of L2-normalised features, where the original uses raw ones) over
-  clean and attacked features together (discriminability across modality). The batch-hard triplet loss already mixes both modalities in a P × K batch.
-  The attacked pass runs in training mode, so batch-norm statistics also see the attacked
-  styles (as in feature-statistics augmentation).
+  (Zhu et al., Neurocomputing 2020: the same squared distance between each identity's
+  visible and infrared centres) over clean and attacked features together (discriminability
+  across modality). The batch-hard triplet loss already mixes both modalities in a P × K
+  batch. Both gaps take L2-normalised features, as the protocol compares them
+  (``normalize_gap=False``: raw features, as the original hetero-centre loss). The attacked
+  pass runs in training mode, so batch-norm running statistics also see the attacked
+  styles, as in feature-statistics augmentation (``attacked_bn_update=False`` restores them
+  after that pass).
 * **Spatial-temporal relation mining**: the model, :class:`reidbench.models.VideoReIDModel`
   (part-level relations across frames guide the aggregation); a zoo entry selects it with
   ``model: {video: {...}}``. The defense itself adds no inference-time transform.
@@ -53,12 +56,14 @@ from reidbench.registry import DEFENSES
 from reidbench.train.losses import cross_entropy_label_smoothing, reid_objective
 
 
-def modality_gap(features: torch.Tensor, pids: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+def modality_gap(features: torch.Tensor, pids: torch.Tensor, modality: torch.Tensor,
+                 normalize: bool = True) -> torch.Tensor:
     """Mean over identities seen in both modalities of ``|c_visible − c_infrared|²``, the
     distance between the identity's feature centres in each modality (0 when none is).
-    Features are L2-normalised first, as the protocol compares them: the gap is then in
-    [0, 4] whatever the feature scale, and shrinking the features cannot fake it away."""
-    features = F.normalize(features.float(), dim=1)
+    With ``normalize``, features are L2-normalised first, as the protocol compares them:
+    the gap is then in [0, 4] whatever the feature scale, and shrinking the features cannot
+    fake it away."""
+    features = F.normalize(features.float(), dim=1) if normalize else features.float()
     ids, inverse = torch.unique(pids, return_inverse=True)
     sums = torch.zeros(2, len(ids), features.shape[1], device=features.device)
     counts = torch.zeros(2, len(ids), device=features.device)
@@ -115,10 +120,12 @@ class SelfAttackDefense(Defense):
     data_kinds = ("video",)
 
     def __init__(self, style_eps: float = 1.0, style_stage: int = 1, gap_weight: float = 1.0,
-                 adversarial_weight: float = 1.0, center_weight: float = 0.5):
+                 adversarial_weight: float = 1.0, center_weight: float = 0.5, normalize_gap: bool = True,
+                 attacked_bn_update: bool = True):
         super().__init__(style_eps=float(style_eps), style_stage=int(style_stage), gap_weight=float(gap_weight),
-                         adversarial_weight=float(adversarial_weight), center_weight=float(center_weight))
-        negative = [k for k, v in self.params.items() if k != "style_stage" and v < 0]
+                         adversarial_weight=float(adversarial_weight), center_weight=float(center_weight),
+                         normalize_gap=bool(normalize_gap), attacked_bn_update=bool(attacked_bn_update))
+        negative = [k for k, v in self.params.items() if not isinstance(v, bool) and k != "style_stage" and v < 0]
         if negative:
             raise ReIDBenchError(f"defense 'sadstrm': {', '.join(negative)} must be >= 0")
 
@@ -132,7 +139,7 @@ class SelfAttackDefense(Defense):
         """Set ``hook.shift`` to one signed ascent step of the attack objective (module docstring)."""
         p = self.params
         identity = cross_entropy_label_smoothing(logits, pids, 0.0) if logits is not None else features.sum() * 0.0
-        objective = identity + p["gap_weight"] * modality_gap(features, pids, modality)
+        objective = identity + p["gap_weight"] * modality_gap(features, pids, modality, p["normalize_gap"])
         grads = torch.autograd.grad(objective, hook.recorded, retain_graph=True, allow_unused=True)
         hook.shift = tuple(
             p["style_eps"] * spread * (g.sign() if g is not None else torch.zeros_like(spread))
@@ -150,11 +157,17 @@ class SelfAttackDefense(Defense):
             logits, features = model(images)
             clean, logs = reid_objective(logits, features, pids, recipe)
             self.self_attack(hook, logits, features, pids, modality)
+            # Batch-norm buffers to restore when the attacked styles must not enter the running statistics.
+            saved = [] if p["attacked_bn_update"] else [
+                (b, b.clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for b in m.buffers()]
             attacked_logits, attacked = model(images)
+            for buffer, value in saved:
+                buffer.copy_(value)
         finally:
             handle.remove()
         adversarial, _ = reid_objective(attacked_logits, attacked, pids, recipe)
-        centre = modality_gap(torch.cat([features, attacked]), pids.repeat(2), modality.repeat(2))
+        centre = modality_gap(torch.cat([features, attacked]), pids.repeat(2), modality.repeat(2), p["normalize_gap"])
         loss = clean + p["adversarial_weight"] * adversarial + p["center_weight"] * centre
         logs.update(adversarial=float(adversarial.detach()), center=float(centre.detach()))
         return loss, logs

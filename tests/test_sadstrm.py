@@ -80,7 +80,7 @@ def test_self_attack_shift_raises_the_attack_objective(small_clips):
     handle = stage_module(model, 1).register_forward_hook(hook)
 
     def objective(logits, feats):
-        return float(torch.nn.functional.cross_entropy(logits, pids) + modality_gap(feats, pids, modality))
+        return float((torch.nn.functional.cross_entropy(logits, pids) + modality_gap(feats, pids, modality)).detach())
 
     torch.manual_seed(0)
     logits, feats = model(images)
@@ -90,6 +90,34 @@ def test_self_attack_shift_raises_the_attack_objective(small_clips):
     logits, feats = model(images)
     handle.remove()
     assert objective(logits, feats) > before
+
+
+def test_modality_gap_counts_identities_seen_in_both_modalities():
+    feats = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    pids, modality = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0])
+    assert float(modality_gap(feats, pids, modality)) == pytest.approx(2.0)  # |(1, 0) - (0, 1)|^2
+    assert float(modality_gap(feats, pids, modality, normalize=False)) == pytest.approx(13.0)
+    assert float(modality_gap(feats, pids, torch.zeros(3, dtype=torch.long))) == 0.0
+
+
+def test_attacked_styles_enter_batch_norm_statistics_only_when_asked(small_clips):
+    train = small_clips["train"]
+    index = torch.arange(8)
+    images, pids = train.load(index), relabel(train.pids)[index]
+
+    def running_means(**params):
+        model = tiny_video_model(num_classes=train.num_ids).train()
+        defense = build_defense({"name": "sadstrm", **params})
+        defense.batch_labels = {"modality": train.modality[index]}
+        if params:
+            defense.training_loss(model, images, pids, Recipe())
+        else:
+            model(images)
+        return torch.cat([m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+
+    clean_only = running_means()
+    assert torch.equal(running_means(attacked_bn_update=False), clean_only)
+    assert not torch.equal(running_means(attacked_bn_update=True), clean_only)
 
 
 def test_sadstrm_training_lowers_its_loss(small_clips):

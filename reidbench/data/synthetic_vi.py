@@ -7,12 +7,12 @@ It reuses the image generator's identities, cameras, nuisances and renderer unch
 ``synthetic`` dataset, its cache files and split hashes are untouched by this module.
 
 **Infrared look.** An identity's thermal signature comes from its own random stream: skin
-is the warmest (bright), hair and clothes are warm through the fabric by an amount set by
-the fabric's insulation (an identity trait), bags and shoes are near ambient, so a thermal
-image keeps the silhouette, the body build, sleeve length, hair length and a faint trace of
-patterned fabric, but loses every colour. Clothing luminance leaks in weakly (dark fabric a
-little warmer), as it does in near-infrared surveillance footage. The background is cool
-and low in contrast. The scene is rendered through the same camera model with a grey
+is the warmest (bright), hair and clothes are warm through the fabric, bags and shoes are
+near ambient. A fabric's intensity falls with its visible luminance (dark fabric, having
+absorbed more light, is warmer) and with its insulation (an identity trait), so a thermal
+image keeps the silhouette, the body build, sleeve length, hair length and patterns whose
+two fabrics differ in lightness, but loses every hue: a red and a green shirt of the same
+lightness look alike. The background is cool and low in contrast. The scene is rendered through the same camera model with a grey
 palette, no colour cast, softer optics and more sensor noise, and the first channel of the
 result is replicated to 3 channels (infrared frames are stored like colour ones).
 
@@ -124,15 +124,16 @@ def _luminance(rgb: np.ndarray) -> float:
 
 
 def sample_thermal(rng: np.random.Generator, person: Identity) -> ThermalSignature:
-    """The identity's thermal signature: fabric warmth ``0.45 + 0.35 (1 - insulation)`` plus
-    ``0.08 (1 - luminance)`` of its visible colour (the weak leak), skin warmest."""
+    """The identity's thermal signature: fabric warmth ``0.3 + 0.35 (1 - luminance) +
+    0.15 (1 - insulation)`` (dark fabric, having absorbed more light, is warmer; the
+    insulation is the identity's own draw), skin warmest."""
 
     def fabric(colour: np.ndarray, insulation: float) -> float:
-        return 0.45 + 0.35 * (1.0 - insulation) + 0.08 * (1.0 - _luminance(colour))
+        return 0.3 + 0.35 * (1.0 - _luminance(colour)) + 0.15 * (1.0 - insulation)
 
     upper_insulation = float(rng.uniform(0.0, 1.0))
     upper = fabric(person.upper, upper_insulation)
-    # The second fabric of a pattern differs a little in weave: a faint pattern survives.
+    # The second fabric of a pattern differs a little in weave, too.
     upper2 = fabric(person.upper2, float(np.clip(upper_insulation + rng.uniform(-0.2, 0.2), 0.0, 1.0)))
     lower = fabric(person.lower, float(rng.uniform(0.0, 1.0)))
     logo = upper + float(rng.uniform(-0.03, 0.03))
