@@ -3,6 +3,9 @@
 A subclass says only what differs: its loss (to be *ascended*), whether it starts at a
 random point of the ε-ball, and its momentum. The loop itself -- projected sign-gradient
 steps, gradient normalisation for momentum, EOT averaging -- is written once here.
+
+Queries may be images (B, 3, H, W) or video tracklets (B, T, 3, H, W): every step and the
+projection are elementwise, so each frame of a tracklet gets its own perturbation within ε.
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ class IterativeMetricAttack(Attack):
             ctx = self.begin_iteration(model, x0, ctx, iteration)
             grad = self.gradient(model, x0 + delta, ctx)
             if self.momentum > 0:
-                scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+                # per query: over all of its pixels, every frame of a tracklet included
+                scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True).clamp_min(1e-12)
                 accumulated = self.momentum * accumulated + grad / scale
                 direction = accumulated.sign()
             else:

@@ -86,15 +86,16 @@ class LocalTransformationAttack(IterativeMetricAttack):
 
     def draw_guides(self, queries: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A locally grayscaled copy of each (clean) query."""
-        _, _, height, width = queries.shape
-        luma = torch.tensor(LUMA, dtype=queries.dtype, device=queries.device).view(1, 3, 1, 1)
-        gray = (queries * luma).sum(1, keepdim=True).expand_as(queries)
-        mask = torch.zeros(queries.shape[0], 1, height, width, dtype=torch.bool)
+        height, width = queries.shape[-2:]
+        luma = torch.tensor(LUMA, dtype=queries.dtype, device=queries.device).view(3, 1, 1)
+        gray = (queries * luma).sum(-3, keepdim=True).expand_as(queries)
+        # One rectangle per query; a video query (B, T, 3, H, W) has it on every frame.
+        mask = torch.zeros(queries.shape[0], *([1] * (queries.dim() - 3)), height, width, dtype=torch.bool)
         for i in range(queries.shape[0]):
             box = self.region(height, width, generator)
             if box is not None:
                 top, left, rows, cols = box
-                mask[i, :, top:top + rows, left:left + cols] = True
+                mask[i, ..., top:top + rows, left:left + cols] = True
         return torch.where(mask.to(queries.device), gray, queries)
 
     def begin_iteration(self, model, queries, ctx, iteration):

@@ -5,3 +5,4 @@ from . import baseline  # noqa: F401
 from . import adversarial, input_baselines, jad  # noqa: F401
 from . import apd  # noqa: F401
 from . import ddid  # noqa: F401
+from . import sadstrm  # noqa: F401

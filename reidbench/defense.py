@@ -29,6 +29,10 @@ class Defense:
     differentiable = True
     #: datasets kinds the defense can train on ("image", "video", "cross-modality")
     data_kinds: tuple[str, ...] = ("image",)
+    #: per-sample labels of the current training batch besides the person ids, set by the
+    #: training loop before each batch: ``camids`` and ``modality`` (None when the dataset
+    #: has no modality labels), on the batch's device
+    batch_labels: dict = {}
 
     def __init__(self, **params):
         self.params = params

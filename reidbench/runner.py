@@ -27,7 +27,7 @@ from .errors import ReIDBenchError
 from .example import ExampleCapture, example_query_index, ranking_example
 from .features import embed, extract_features
 from .metrics import evaluate_rank, identity_spread, k_reciprocal_rerank, pairwise_distance
-from .models import build_model
+from .models import build_model, check_model_fits
 from .progress import log, progress_bar
 from .protocol import Protocol, load_protocol
 from .hardware import environment, resolve_device
@@ -105,7 +105,9 @@ class Runner:
         key = json.dumps({"entry": entry.id, "dataset": dataset}, sort_keys=True)
         if key in self._bundles:
             return self._bundles[key]
-        train_split = self.split_for(entry.dataset)
+        # Borrowed weights are trained on the lending entry's own split (the same training
+        # data; a cross-modality direction may differ).
+        train_split = self.split_for(training_entry(entry, self.zoo).dataset)
         weights = obtain_weights(entry, train_split, self.train_missing, self.device, self.progress, zoo=self.zoo,
                                  train_if_unreachable=self.train_if_unreachable)
         if weights.suffix == ".onnx":
@@ -117,6 +119,7 @@ class Runner:
             load_weights(model, weights, entry.id, recipe_key=training_entry(entry, self.zoo).recipe_key())
         defended = DefendedModel(model, build_defense(entry.defense)).to(self.device).eval()
         split = self.split_for(dataset or entry.dataset, tuple(model.input_size))
+        check_model_fits(model, split, f"model '{entry.id}'")
         bundle = ModelBundle(entry, defended, split, sha256_file(weights))
         self._bundles[key] = bundle
         return bundle

@@ -202,8 +202,11 @@ def _resolve_init(entry: ZooEntry, entries: dict[str, ZooEntry], source: str, ch
 
 
 def _check_shared_weights(entry: ZooEntry, base: ZooEntry) -> None:
-    """An entry may reuse another's trained weights only if it is that very model behind an
-    inference-time transform: same backbone, model, dataset, and a defense that trains as is."""
+    """An entry may reuse another's trained weights only if it is that very model, behind an
+    inference-time transform or evaluated another way: same backbone, model and training data
+    (dataset options that only change the evaluation, such as a cross-modality ``direction``,
+    may differ), and the same defense or one that trains as is."""
+    from .data import training_options
     from .defense import build_defense
 
     where = f"entry '{entry.id}': weights.from '{base.id}'"
@@ -211,10 +214,12 @@ def _check_shared_weights(entry: ZooEntry, base: ZooEntry) -> None:
         raise ReIDBenchError(f"{where} itself borrows its weights; name the entry that trains them")
     if entry.recipe or entry.init:
         raise ReIDBenchError(f"{where}: a borrowing entry trains nothing; remove its own 'recipe' and 'init'")
-    for name in ("backbone", "model", "dataset"):
+    for name in ("backbone", "model"):
         if getattr(entry, name) != getattr(base, name):
             raise ReIDBenchError(f"{where} has another {name}; only the defense may differ")
-    if build_defense(entry.defense).changes_training:
+    if training_options(entry.dataset) != training_options(base.dataset):
+        raise ReIDBenchError(f"{where} has another dataset; only the defense may differ")
+    if entry.defense != base.defense and build_defense(entry.defense).changes_training:
         raise ReIDBenchError(f"{where}: defense '{entry.defense['name']}' changes training, so it needs its own weights")
 
 
@@ -357,7 +362,7 @@ def train_entry(entry: ZooEntry, split=None, device: str = "cpu", progress: bool
     identities."""
     from .data import build_dataset
     from .defense import build_defense
-    from .models import build_model
+    from .models import build_model, check_model_fits
     from .train import Recipe, train_model
 
     if entry.is_onnx:
@@ -368,6 +373,7 @@ def train_entry(entry: ZooEntry, split=None, device: str = "cpu", progress: bool
     recipe = Recipe.from_dict(entry.recipe)
     torch.manual_seed(recipe.seed)
     model = build_model(entry.model_spec(), num_classes=split.num_train_ids)
+    check_model_fits(model, split, f"model '{entry.id}'")
     if entry.init:
         if zoo is None or entry.init["from"] not in zoo:
             raise ReIDBenchError(f"entry '{entry.id}' starts from '{entry.init['from']}', which is not in the zoo")

@@ -60,3 +60,11 @@ def tiny_model(tiny_zoo_file, tiny_split):
     model = build_model(entry.model_spec())
     load_weights(model, weights, entry.id)
     return DefendedModel(model, build_defense(entry.defense)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_vi_split():
+    """Visible-infrared tracklets: 8 train / 6 test identities, 4 frames of 64x32."""
+    from reidbench.data import build_dataset
+
+    return build_dataset("synthetic-vi", preset="tiny")

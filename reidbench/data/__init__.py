@@ -10,9 +10,14 @@ from pathlib import Path
 from typing import Optional
 
 from ..registry import DATASETS
-from .split import ReIDSplit, ReIDSubset, concat_subsets, read_image, resize_uint8
+from .split import (DIRECTIONS, MODALITIES, ReIDSplit, ReIDSubset, TrackletSubset, concat_subsets,
+                    cross_modality_direction, read_image, resize_uint8)
 
-__all__ = ["DATASETS", "ReIDSplit", "ReIDSubset", "build_dataset", "concat_subsets", "data_roots", "cache_dir", "read_image", "resize_uint8"]
+__all__ = ["DATASETS", "ReIDSplit", "ReIDSubset", "TrackletSubset", "MODALITIES", "DIRECTIONS", "build_dataset",
+           "concat_subsets", "training_options", "data_roots", "cache_dir", "read_image", "resize_uint8"]
+
+#: dataset options that change only how the test samples are queried, never the training data
+EVALUATION_ONLY_OPTIONS = ("direction",)
 
 
 def cache_dir() -> Path:
@@ -29,11 +34,22 @@ def data_roots() -> list[Path]:
     return roots
 
 
-def build_dataset(name: str, root: Optional[str | Path] = None, **options) -> ReIDSplit:
-    """Build a registered dataset by name. ``root`` overrides the dataset folder search."""
+def build_dataset(name: str, root: Optional[str | Path] = None, direction: Optional[str] = None,
+                  **options) -> ReIDSplit:
+    """Build a registered dataset by name. ``root`` overrides the dataset folder search;
+    ``direction`` (cross-modality datasets) picks which modality queries which, see
+    :func:`cross_modality_direction`."""
     builder = DATASETS.get(name)
-    return builder(root=Path(root) if root is not None else None, **options)
+    split = builder(root=Path(root) if root is not None else None, **options)
+    return split if direction is None else cross_modality_direction(split, direction)
+
+
+def training_options(dataset: dict) -> dict:
+    """A dataset spec without its evaluation-only options: two specs with the same training
+    options train the same model."""
+    return {k: v for k, v in dataset.items() if k not in EVALUATION_ONLY_OPTIONS}
 
 
 # Importing the modules registers their builders.
 from . import market, synthetic  # noqa: E402,F401
+from . import crossmodal, synthetic_vi  # noqa: E402,F401

@@ -139,9 +139,16 @@ def _find_dataset(
         if all((candidate / r).exists() for r in required):
             return candidate
     looked = ", ".join(str(c) for c in candidates)
+    # A folder holding part of the layout is most likely the dataset, unpacked incompletely:
+    # say what it lacks, which the list of places looked at does not.
+    partial = [c for c in candidates if c.is_dir() and any((c / r).exists() for r in required)]
+    if partial:
+        missing = [r for r in required if not (partial[0] / r).exists()]
+        where = f"{partial[0]} is incomplete, it lacks {', '.join(missing)}"
+    else:
+        where = f"among {looked}"
     raise ReIDBenchError(
-        f"{dataset} not found: no folder with {', '.join(required)} among {looked} "
-        f"(pass root=... or set REIDBENCH_DATA)"
+        f"{dataset} not found: no folder with {', '.join(required)}; {where} (pass root=... or set REIDBENCH_DATA)"
     )
 
 

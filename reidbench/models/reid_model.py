@@ -134,9 +134,13 @@ class ReIDModel(nn.Module):
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] to the backbone's mean/std input space."""
+        return (x - self.mean) / self.std
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled global feature before the neck, for images in [0, 1]."""
-        x = (x - self.mean) / self.std
+        x = self.normalize(x)
         if self.pool is None:
             return self.backbone(x)
         fmap = self.backbone.forward_features(x)
@@ -154,7 +158,8 @@ class ReIDModel(nn.Module):
 def build_model(spec: dict, num_classes: int = 0) -> ReIDModel:
     """Build a :class:`ReIDModel` from a zoo entry's ``model`` mapping. ``head: NAME`` builds
     the registered subclass ``MODEL_HEADS[NAME]`` instead (a defense's own model, e.g. APD's
-    split head), which may accept the extra options it lists in ``options``."""
+    split head), which may accept the extra options it lists in ``options``. A ``video``
+    option builds the tracklet model :class:`~reidbench.models.video.VideoReIDModel`."""
     from ..registry import MODEL_HEADS
 
     # backbone_args go to timm.create_model as they are, e.g. {channels: [32, 64, 128, 256]}
@@ -163,10 +168,16 @@ def build_model(spec: dict, num_classes: int = 0) -> ReIDModel:
     head = spec.pop("head", None)
     cls = ReIDModel if head is None else MODEL_HEADS.get(head)
     allowed = {"backbone", "pretrained", "last_stride", "pooling", "neck", "embedding", "input_size", "mean", "std",
-               "backbone_args", "head", *getattr(cls, "options", ())}
+               "backbone_args", "head", "video", *getattr(cls, "options", ())}
     unknown = set(spec) - allowed
     if unknown:
         raise ReIDBenchError(f"unknown model option(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
+    if "video" in spec:
+        if head is not None:
+            raise ReIDBenchError(f"model head '{head}' is an image model; it cannot take the 'video' option")
+        from .video import VideoReIDModel
+
+        return VideoReIDModel(num_classes=num_classes, **spec)
     return cls(num_classes=num_classes, **spec)
 
 

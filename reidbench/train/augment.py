@@ -1,5 +1,8 @@
 """Batched training augmentations on float images in [0, 1] (flip, pad-and-crop, random
-erasing as in the ReID "bag of tricks"), vectorized so they cost nothing next to the model."""
+erasing as in the ReID "bag of tricks"), vectorized so they cost nothing next to the model.
+
+Each takes (B, 3, H, W) images or (B, T, 3, H, W) tracklets; a tracklet is augmented as one
+sample (the same flip, crop and erased rectangle on every frame), so its motion is kept."""
 
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ def random_pad_crop(images: torch.Tensor, pad: int, generator: torch.Generator) 
     """Zero-pad by ``pad`` pixels and crop back at a random offset per image."""
     if pad <= 0:
         return images
+    if images.dim() != 4:  # a tracklet: crop its frames alike, as channels of one sample
+        return random_pad_crop(images.flatten(1, -3), pad, generator).view_as(images)
     b, _, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
@@ -54,8 +59,10 @@ def random_erasing(
     filled with the per-channel ImageNet mean, so the normalized input there is ~0."""
     if probability <= 0:
         return images
-    b, _, h, w = images.shape
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     fill = torch.tensor((0.485, 0.456, 0.406), device=images.device).view(3, 1, 1)
     apply = torch.rand(b, generator=generator) < probability
     mask = random_rectangles(b, h, w, generator, area, ratio, images.device) & apply.view(b, 1, 1, 1).to(images.device)
+    # (B, 1, H, W) -> (B, 1, ..., 1, H, W): one rectangle per sample, on every frame of a tracklet
+    mask = mask.view(b, *([1] * (images.dim() - 3)), h, w)
     return torch.where(mask, fill, images)

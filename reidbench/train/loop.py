@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.sampler import PKSampler
-from ..data.split import ReIDSubset
+from ..data.split import ReIDSubset, TrackletSubset
 from ..errors import ReIDBenchError
 from ..progress import console, log, progress_bar
 from .augment import random_erasing, random_flip, random_pad_crop
@@ -122,7 +122,7 @@ def relabel(pids: torch.Tensor) -> torch.Tensor:
 
 def train_model(
     model: torch.nn.Module,
-    train: ReIDSubset,
+    train: ReIDSubset | TrackletSubset,
     recipe: Recipe,
     workdir: Path,
     defense=None,
@@ -130,7 +130,8 @@ def train_model(
     progress: bool = True,
     run_key: Optional[dict] = None,
 ) -> TrainResult:
-    """Train ``model`` on ``train`` and write ``workdir/model.safetensors``.
+    """Train ``model`` on ``train`` (images, or tracklets for a video model) and write
+    ``workdir/model.safetensors``.
 
     After every epoch ``last.safetensors`` + ``last_state.pt`` are written atomically; a
     rerun with the same recipe and ``run_key`` resumes after the last finished epoch.
@@ -146,7 +147,7 @@ def train_model(
     use_amp = recipe.amp and device.type == "cuda"
 
     size = tuple(getattr(model, "input_size", train.load_uint8(torch.arange(1)).shape[-2:]))
-    train = train.materialize(size) if train.images is None or tuple(train.images.shape[-2:]) != size else train
+    train = train.materialize(size) if train.stored_size != size else train
     labels = relabel(train.pids)
     sampler = PKSampler(train.pids, p=recipe.p, k=recipe.k, seed=recipe.seed)
     iters = recipe.iters_per_epoch or len(sampler)
@@ -186,12 +187,14 @@ def train_model(
                     index = next(batches)
                 for group in optimizer.param_groups:
                     group["lr"] = recipe.lr * recipe.lr_factor(epoch + it / iters)
-                images = train.images[index].float().div_(255.0)
+                images = train.load(index)  # (B, 3, H, W) images or (B, T, 3, H, W) tracklets
                 if recipe.flip:
                     images = random_flip(images, generator)
                 images = random_pad_crop(images, recipe.pad, generator)
                 images = random_erasing(images, recipe.random_erasing, generator)
                 images, pids = images.to(device, non_blocking=True), labels[index].to(device)
+                defense.batch_labels = {"camids": train.camids[index].to(device),
+                                        "modality": None if train.modality is None else train.modality[index].to(device)}
                 images = defense.training_batch(model, images, pids, generator)
                 model.train()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
