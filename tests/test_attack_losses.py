@@ -186,14 +186,15 @@ def test_fna_pulls_toward_the_furthest_other_identity_prototype(setting):
 
 
 def test_odfa_turns_the_feature_toward_its_opposite(setting):
-    # the first step follows a rounding residual (the gradient vanishes at δ = 0), hence 4 steps
-    attack, adv, feats, batch = run("odfa", setting, iterations=4)
+    # the first step follows a rounding residual (the gradient vanishes at δ = 0), which differs
+    # with the thread count; 6 steps leave room for it
+    attack, adv, feats, batch = run("odfa", setting, iterations=6)
     assert attack.describe()["random_start"] is False
     assert torch.equal(batch.extra["target"], -batch.query_feats)
     cos = (feats * batch.query_feats).sum(1)
     assert (cos < 0.95).all() and cos.mean() < 0.6
     # adv-reid's ODFA ascends the distance to -f(x): it pulls back toward f(x)
-    _, _, wrong, _ = run("odfa", setting, iterations=4, adv_reid_sign=True)
+    _, _, wrong, _ = run("odfa", setting, iterations=6, adv_reid_sign=True)
     assert (wrong * batch.query_feats).sum(1).mean() > cos.mean() + 0.2
 
 
