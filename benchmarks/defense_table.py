@@ -14,13 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from reidbench.leaderboard import results_table
+from reidbench.leaderboard import percent as pct, results_table
 
 DEFAULT_ATTACKS = ["m-ifgsm", "sma", "fna", "lta", "oblivious"]
-
-
-def pct(value) -> str:
-    return "–" if value is None or value != value else f"{100 * float(value):.1f}"
 
 
 def main(root: str, attacks: list[str]) -> None:

@@ -28,18 +28,16 @@ def _entries(args, zoo):
 
 
 def _runner(args, zoo):
-    from .runner import Runner
+    from .executors import RunSpec
 
-    if args.no_train and args.train_missing:
-        raise ReIDBenchError("--no-train and --train-missing contradict each other; drop one")
-    return Runner(zoo, results_root=Path(args.results), device=args.device, train_missing=not args.no_train,
-                  batch_size=args.batch_size, rerank=not args.no_rerank, force=args.force,
-                  train_if_unreachable=args.train_missing)
+    return RunSpec.from_args(args).runner(zoo)
 
 
 def cmd_run(args) -> int:
+    from .executors import RunSpec, build_executor
     from .leaderboard import render_site
     from .progress import log
+    from .protocol import load_protocol
     from .registry import ATTACKS
 
     if not args.all and not args.model:
@@ -48,19 +46,18 @@ def cmd_run(args) -> int:
         ATTACKS.get(name)
     zoo = _zoo(args)
     entries = _entries(args, zoo)
-    runner = _runner(args, zoo)
-    attacks = args.attack or runner.protocol.attacks()
+    protocol = load_protocol()
+    attacks = args.attack or protocol.attacks()
     eps_values = [e / 255.0 for e in args.eps] if args.eps else None
     if eps_values and any(not (0 < e <= 1) for e in eps_values):
         raise ReIDBenchError(f"--eps is in 1/255 units and must lie in (0, 255], got {args.eps}")
-    dataset = None
     if args.dataset:
         from .registry import DATASETS
 
         DATASETS.get(args.dataset)
-        dataset = {"name": args.dataset}
-    runner.run(entries, attacks, eps_values, dataset)
-    index = render_site(Path(args.results), Path(args.site) if args.site else None, runner.protocol.version)
+    executor = build_executor(args.executor, args.address)
+    executor.run(RunSpec.from_args(args), [e.id for e in entries], attacks, eps_values, zoo=zoo)
+    index = render_site(Path(args.results), Path(args.site) if args.site else None, protocol.version)
     log(f"leaderboard: {index}")
     return 0
 
@@ -186,6 +183,24 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_validate(args) -> int:
+    from .validate import print_verdict, validate_entry
+
+    verdict = validate_entry(args.entry, _zoo(args), Path(args.results), args.tolerance, args.device)
+    print_verdict(verdict)
+    for reason in verdict.reasons:
+        print(f"reidbench: rejected: {reason}", file=sys.stderr)
+    return 0 if verdict.accepted else 1
+
+
+def cmd_zoo_changed(args) -> int:
+    from .validate import submitted_entries
+
+    for entry_id in submitted_entries(args.base, args.zoo, args.results):
+        print(entry_id)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reidbench", description="Adversarial robustness benchmark for person re-identification")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also train an entry from its recipe when its hub weights cannot be reached")
             p.add_argument("--force", action="store_true", help="recompute cells even when their inputs did not change")
 
+    from .executors import EXECUTORS
+
     run = sub.add_parser("run", help="run protocol cells and render the leaderboard")
     run.add_argument("--all", action="store_true", help="every model of the chosen suite(s) against every protocol attack")
     run.add_argument("--suite", nargs="+", default=["default"], help="zoo suites for --all (default: default; 'all' for every entry)")
@@ -210,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eps", nargs="+", type=float, help="budget(s) in 1/255 units (default: the protocol's primary ε)")
     run.add_argument("--dataset", default=None, help="evaluate on this dataset instead of each model's own (cross-dataset)")
     run.add_argument("--site", default=None, help="where to render the leaderboard (default: leaderboard/site)")
+    run.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="local: every cell in this process (default); ray: cells as Ray tasks (pip install 'reidbench[ray]')")
+    run.add_argument("--address", default=None,
+                     help="with --executor ray: the cluster to join (auto, ray://host:10001); default: start a local Ray")
     common(run)
     run.set_defaults(func=cmd_run)
 
@@ -234,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--zoo", default=None)
     ls.set_defaults(func=cmd_list)
 
-    zoo = sub.add_parser("zoo", help="the model zoo and the Hugging Face Hub: list, pull, push weights")
+    zoo = sub.add_parser("zoo", help="the model zoo and the Hugging Face Hub: list, pull, push weights; changed entries")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     zoo_list = zoo_sub.add_parser("list", help="every entry, where its weights are, and whether they are here now")
     zoo_list.add_argument("--zoo", default=None)
@@ -257,6 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--results", default="results")
     render.add_argument("--site", default=None)
     render.set_defaults(func=cmd_render)
+
+    from .validate import DEFAULT_TOLERANCE, SUBSET_SIZE, VALIDATION_ATTACK
+
+    val = sub.add_parser(
+        "validate", help="check a submitted zoo entry: pinned weights, its records, numbers recomputed on a query subset",
+        description=f"Accept or reject the results of a zoo entry (exit 0 or 1, one line per reason): its weights must "
+                    f"match their pinned sha256, its records the protocol, and clean and {VALIDATION_ATTACK} Rank-1 / mAP, "
+                    f"recomputed on the committed validation queries (up to {SUBSET_SIZE} per split), must agree with "
+                    f"the submitted per-query files within the tolerance.")
+    val.add_argument("entry", metavar="ENTRY", help="zoo model id")
+    val.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                     help="largest accepted |submitted - recomputed|, absolute, in percentage points of Rank-1 and of "
+                          f"mAP (default: {DEFAULT_TOLERANCE:g})")
+    val.add_argument("--results", default="results", help="folder holding the submitted results (default: ./results)")
+    common(val, results=False)
+    val.set_defaults(func=cmd_validate)
+
+    changed = zoo_sub.add_parser("changed", help="ids of the zoo entries a branch submits, one per line (for CI)")
+    changed.add_argument("--base", default="origin/main", help="git ref of the base branch (default: origin/main)")
+    changed.add_argument("--zoo", default=None, help="model zoo file (default: the repository's model_zoo.yaml)")
+    changed.add_argument("--results", default="submissions",
+                         help="submitted result folder; entries whose files changed there count too (default: submissions)")
+    changed.set_defaults(func=cmd_zoo_changed)
     return parser
 
 

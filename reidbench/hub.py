@@ -117,7 +117,7 @@ def _provenance(entry: ZooEntry, sha256: str, metadata: dict[str, str]) -> list[
 
 
 def _results(entry: ZooEntry, results_root: Optional[Path]) -> list[str]:
-    from .leaderboard import _pct, results_table
+    from .leaderboard import percent, results_table
     from .protocol import CURRENT_VERSION
 
     table = results_table(results_root, CURRENT_VERSION) if results_root and Path(results_root).is_dir() else None
@@ -128,8 +128,8 @@ def _results(entry: ZooEntry, results_root: Optional[Path]) -> list[str]:
              "| dataset | attack | threat model | clean Rank-1 | clean mAP | Rank-1 | mAP | flags |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in cells.itertuples():
-        lines.append(f"| {row.dataset} | {row.attack} | {row.threat_model} | {_pct(row.clean_rank1)} | "
-                     f"{_pct(row.clean_mAP)} | {_pct(row.rank1)} | {_pct(row.mAP)} | {row.flags} |")
+        lines.append(f"| {row.dataset} | {row.attack} | {row.threat_model} | {percent(row.clean_rank1)} | "
+                     f"{percent(row.clean_mAP)} | {percent(row.rank1)} | {percent(row.mAP)} | {row.flags} |")
     return lines
 
 

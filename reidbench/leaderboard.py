@@ -329,6 +329,11 @@ def _dumps(payload) -> str:
     return json.dumps(payload, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
 
 
+def percent(value) -> str:
+    """A metric in [0, 1] as the percent text of every table (one decimal); – when missing."""
+    return "–" if _missing(value) else f"{100 * float(value):.1f}"
+
+
 def _missing(value) -> bool:
     return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
 

@@ -64,6 +64,15 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
+def import_catalog(package: str, path) -> None:
+    """Import every module of a catalog package (``attacks``, ``defenses``), so that a new
+    module registers itself without a line in any shared file: contributions do not collide."""
+    import pkgutil
+
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")
+
+
 DATASETS: Registry = Registry("dataset", populate=("reidbench.data",))
 ATTACKS: Registry = Registry("attack", populate=("attacks",))
 DEFENSES: Registry = Registry("defense", populate=("defenses",))

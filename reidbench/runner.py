@@ -211,7 +211,7 @@ class Runner:
             "attack": attack.describe(), "threat_model": attack.threat_model, "perturbed": attack.perturbs,
             "perturbation": {"linf_max": linf, "l2_mean": l2, "eps": eps},
             "zero_gradient_share": zero_share,
-            "seed": self.protocol.seed, "device": self.device, "environment": environment(),
+            "seed": self.protocol.seed, "batch_size": self.batch_size, "device": self.device, "environment": environment(),
             "wall_time_s": round(time.time() - started, 3),
         })
         if "surrogate" in attack.needs:
@@ -243,10 +243,13 @@ class Runner:
         return ctx
 
     def attack_images(self, bundle: ModelBundle, attack: Attack, side: str = "query",
-                      capture: Optional[ExampleCapture] = None):
+                      capture: Optional[ExampleCapture] = None, only: Optional[list[int]] = None):
         """Adversarial features of one side (query or gallery), its perturbation sizes and
         the share of exactly-zero input gradients on the first batch (a masking smell);
-        the adversarial image of ``capture.index`` is kept in ``capture.image``."""
+        the adversarial image of ``capture.index`` is kept in ``capture.image``.
+
+        ``only``: attack just these images (sorted positions), each in the batch and with the
+        seeds it has in the whole run, so that their outcomes are the whole run's (validation)."""
         split, model = bundle.split, bundle.model
         subset = getattr(split, side)
         size = tuple(model.input_size)
@@ -254,11 +257,14 @@ class Runner:
         target = self.attacked_model(bundle, attack)
         q = self.protocol.raw.get("query_based", {})
         out, linf, l2sum, zero_share = [], 0.0, 0.0, None
-        n = len(subset)
+        positions = torch.arange(len(subset)) if only is None else torch.as_tensor(only, dtype=torch.long)
+        n = len(positions)
         with progress_bar(enabled=self.progress) as bar:
             task = bar.add_task(f"{bundle.entry.id}: {attack.registry_name}", total=n)
-            for start in range(0, n, self.batch_size):
-                index = torch.arange(start, min(start + self.batch_size, n))
+            for start in range(0, len(subset), self.batch_size):
+                index = positions[(positions >= start) & (positions < start + self.batch_size)]
+                if not len(index):
+                    continue
                 images = subset.load(index, size).to(self.device)
                 batch_ctx = ctx.batch(index)
                 # One generator per batch, seeded from its position: results do not depend on batch order.
@@ -267,11 +273,11 @@ class Runner:
                 if "oracle" in attack.needs:
                     batch_ctx.oracle = RankOracle(model, ctx.gallery_feats, q.get("top_k", 10), q.get("budget", 500),
                                                   len(index), self.protocol.normalize)
-                if zero_share is None and attack.threat_model == "white-box":
+                if start == 0 and attack.threat_model == "white-box":
                     zero_share = input_gradient_zero_share(target, images, batch_ctx, self.protocol.normalize)
                 adv = attack(target, images, batch_ctx)
-                if capture is not None and capture.index is not None and start <= capture.index < start + len(index):
-                    capture.image = adv[capture.index - start].detach().cpu()
+                if capture is not None and capture.index is not None and bool((index == capture.index).any()):
+                    capture.image = adv[int((index == capture.index).nonzero()[0])].detach().cpu()
                 delta = (adv - images).flatten(1)
                 linf = max(linf, float(delta.abs().max()))
                 l2sum += float(delta.norm(dim=1).sum())
@@ -325,8 +331,7 @@ class Runner:
         """Every (entry × attack × ε) cell, on each entry's own dataset or on ``dataset``
         (cross-dataset: train on A, test on B; the cells are filed under B)."""
         eps_values = eps_values or [self.protocol.eps]
-        for name in attacks:  # fail on a bad name before any work is done
-            build_attack(name, eps=eps_values[0], step=self.protocol.step, iterations=self.protocol.iterations)
+        check_attack_names(attacks, eps_values, self.protocol)
         paths = []
         for entry in entries:
             for name in attacks:
@@ -336,6 +341,12 @@ class Runner:
                         paths.append(path)
                         log(f"[green]✓[/] {entry.id} × {attack_id(name, eps)}")
         return paths
+
+
+def check_attack_names(attacks: list[str], eps_values: list[float], protocol: Protocol) -> None:
+    """Fail on a bad attack name before any work is done."""
+    for name in attacks:
+        build_attack(name, eps=eps_values[0], step=protocol.step, iterations=protocol.iterations)
 
 
 def input_gradient_zero_share(model: torch.nn.Module, images: torch.Tensor, ctx: AttackContext, normalize: bool) -> float:

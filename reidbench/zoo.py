@@ -63,7 +63,8 @@ class ZooEntry:
     init: dict = field(default_factory=dict)
     suite: list = field(default_factory=lambda: ["default"])
     description: str = ""
-    zoo_dir: Path = DEFAULT_ZOO.parent  # relative weight paths are read from here
+    # relative weight paths are read from here; where the file lies is not part of the entry
+    zoo_dir: Path = field(default=DEFAULT_ZOO.parent, compare=False)
 
     @property
     def is_onnx(self) -> bool:

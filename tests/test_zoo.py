@@ -200,9 +200,10 @@ def test_fine_tuning_starts_from_the_bases_weights(tmp_path, tiny_split):
         "defense: {name: none}", "defense: {name: none}\n  model: {input_size: [32, 16]}\n  recipe: {epochs: 1, batch: {p: 4, k: 2}}"
     ).replace("init: {from: m1}", "init: {from: m1}\n  model: {input_size: [32, 16]}").replace(
         "recipe: {epochs: 2}", "recipe: {epochs: 1, batch: {p: 4, k: 2}, iters_per_epoch: 1, lr: 0.0, warmup_epochs: 0}")
-    zoo = load_zoo(write(tmp_path, text))
-    at_weights = zoo_module.obtain_weights(zoo["m1-at"], tiny_split, progress=False, zoo=zoo)
-    base_weights = zoo_module.existing_weights(zoo["m1"])
+    # ids of its own: the session cache may hold another test's "m1" with the same recipe key
+    zoo = load_zoo(write(tmp_path, text.replace("m1", "ftbase")))
+    at_weights = zoo_module.obtain_weights(zoo["ftbase-at"], tiny_split, progress=False, zoo=zoo)
+    base_weights = zoo_module.existing_weights(zoo["ftbase"])
     from safetensors.torch import load_file
 
     base, tuned = load_file(str(base_weights)), load_file(str(at_weights))

@@ -118,6 +118,17 @@ class ReIDSubset:
         """Float images in [0, 1], (B, 3, H, W)."""
         return self.load_uint8(index, size).float().div_(255.0)
 
+    def select(self, index: Sequence[int]) -> "ReIDSubset":
+        """The images at ``index``, in that order."""
+        index = torch.as_tensor(index, dtype=torch.long)
+
+        def pick(labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if labels is None else labels[index]
+
+        return ReIDSubset(self.pids[index], self.camids[index],
+                          images=pick(self.images), paths=None if self.paths is None else [self.paths[int(i)] for i in index],
+                          modality=pick(self.modality), tracklet=pick(self.tracklet))
+
     def materialize(self, size: Optional[tuple[int, int]] = None) -> "ReIDSubset":
         """Decode every file once into memory (at ``size``); in-memory subsets are returned resized."""
         images = self.load_uint8(None, size) if len(self) else torch.zeros(0, 3, *(size or (1, 1)), dtype=torch.uint8)

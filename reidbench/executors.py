@@ -1,0 +1,217 @@
+"""Where the protocol grid runs: in this process (``local``, the default) or as Ray tasks (``ray``).
+
+Both executors take the same plain-data description of a run (:class:`RunSpec`: the zoo file,
+the result folder, the runner's options) and the same grid (entries × attacks × budgets), and
+both write through :meth:`reidbench.runner.Runner.run_cell`, so a cell's file is the same
+whichever ran it and a cell already in the store is skipped by either.
+
+The Ray executor first submits one training task per model whose weights the grid needs (each
+entry's own, the one it borrows with ``weights.from``, and the protocol's transfer surrogate
+for attacks that need it), then every cell as a task that takes those trainings as arguments:
+Ray starts a cell only once its models exist, and no model is trained twice at the same time.
+A task asks for one GPU when the run's device is CUDA (``auto`` on a cluster that has GPUs).
+Workers rebuild everything from the spec (no live objects cross processes) and keep one
+Runner per spec, so a worker computes a model's clean gallery features once for all the cells
+it runs. Results equal the local executor's because every random draw of a cell is seeded
+from the protocol: the clean features once per model, the attack and the defense's transform
+once per batch, from the batch's position.
+
+Ray is an optional dependency: ``pip install 'reidbench[ray]'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import ReIDBenchError
+from .progress import log
+
+EXECUTORS = ("local", "ray")
+# Settings a worker on another machine of the cluster must share with the driver.
+_FORWARDED_ENV = ("REIDBENCH_CACHE", "REIDBENCH_DATA", "REIDBENCH_QUIET")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a process needs to rebuild the runner: paths (absolute) and options."""
+
+    zoo: Optional[str]
+    results: str
+    device: str = "auto"
+    batch_size: int = 128
+    rerank: bool = True
+    train_missing: bool = True
+    force: bool = False
+    progress: bool = True
+    train_if_unreachable: bool = False
+    dataset: Optional[str] = None  # cross-dataset: evaluate every entry on this dataset
+
+    @property
+    def test_dataset(self) -> Optional[dict]:
+        return {"name": self.dataset} if self.dataset else None
+
+    @classmethod
+    def from_args(cls, args) -> "RunSpec":
+        if args.no_train and getattr(args, "train_missing", False):
+            raise ReIDBenchError("--no-train and --train-missing contradict each other; drop one")
+        return cls(zoo=str(Path(args.zoo).resolve()) if args.zoo else None, results=str(Path(args.results).resolve()),
+                   device=args.device, batch_size=args.batch_size, rerank=not args.no_rerank,
+                   train_missing=not args.no_train, force=args.force,
+                   train_if_unreachable=getattr(args, "train_missing", False), dataset=getattr(args, "dataset", None))
+
+    def runner(self, zoo: Optional[dict] = None):
+        from .runner import Runner
+        from .zoo import load_zoo
+
+        return Runner(zoo if zoo is not None else load_zoo(self.zoo), results_root=Path(self.results),
+                      device=self.device, train_missing=self.train_missing, batch_size=self.batch_size,
+                      rerank=self.rerank, progress=self.progress, force=self.force,
+                      train_if_unreachable=self.train_if_unreachable)
+
+
+class LocalExecutor:
+    """Every cell in this process, one after the other (models and features stay in memory)."""
+
+    def run(self, spec: RunSpec, entry_ids: list[str], attacks: list[str], eps_values: Optional[list[float]] = None,
+            zoo: Optional[dict] = None) -> list[Path]:
+        runner = spec.runner(zoo)
+        return runner.run([runner.zoo[i] for i in entry_ids], attacks, eps_values, spec.test_dataset)
+
+
+# --- what runs inside a worker -----------------------------------------------------------------
+_WORKER_RUNNERS: dict = {}
+
+
+def _worker_runner(spec: RunSpec):
+    if spec not in _WORKER_RUNNERS:
+        _WORKER_RUNNERS[spec] = spec.runner()
+    return _WORKER_RUNNERS[spec]
+
+
+def prepare_model(spec: RunSpec, entry_id: str) -> tuple[str, str]:
+    """Obtain (train, download or verify) one model's weights. Returns (status, message)."""
+    try:
+        runner = _worker_runner(spec)
+        return "ok", runner.bundle(runner.zoo[entry_id]).weights_sha256
+    except ReIDBenchError as exc:
+        return "error", str(exc)
+
+
+def run_cell(spec: RunSpec, entry_id: str, attack: str, eps: float, *models: tuple[str, str]) -> tuple[str, Optional[str]]:
+    """One cell; ``models`` are the outcomes of the trainings it waited for."""
+    for status, message in models:
+        if status == "error":
+            return status, message
+    try:
+        runner = _worker_runner(spec)
+        path = runner.run_cell(runner.zoo[entry_id], attack, eps, spec.test_dataset)
+        return "ok", str(path) if path is not None else None
+    except ReIDBenchError as exc:
+        return "error", str(exc)
+
+
+# --- the Ray driver ----------------------------------------------------------------------------
+def models_needed(zoo: dict, entry_ids: list[str], attacks: list[str], protocol,
+                  dataset: Optional[str] = None) -> dict[str, list[str]]:
+    """For each entry of the grid, the zoo ids whose weights its cells need trained first:
+    the entry whose recipe trains its weights and, when an attack needs one, the surrogate of
+    the dataset the cells run on (``dataset``, or the entry's own)."""
+    from .attack import build_attack
+    from .zoo import get_entry, training_entry
+
+    surrogate_attacks = [name for name in attacks if "surrogate" in build_attack(
+        name, eps=protocol.eps, step=protocol.step, iterations=protocol.iterations).needs]
+    needed = {}
+    for entry_id in entry_ids:
+        entry = get_entry(zoo, entry_id)
+        models = [training_entry(entry, zoo).id]
+        if surrogate_attacks:
+            surrogate = get_entry(zoo, protocol.surrogate(dataset or entry.dataset_name))
+            models.append(training_entry(surrogate, zoo).id)
+        needed[entry_id] = list(dict.fromkeys(models))
+    return needed
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ReIDBenchError("the ray executor needs Ray: pip install 'reidbench[ray]'") from None
+    return ray
+
+
+class RayExecutor:
+    """Cells as Ray tasks, on a local Ray instance (``address=None``) or a cluster (``auto``,
+    ``ray://host:10001``). The result folder and the cache must be shared by every node."""
+
+    def __init__(self, address: Optional[str] = None):
+        self.address = address
+
+    def run(self, spec: RunSpec, entry_ids: list[str], attacks: list[str], eps_values: Optional[list[float]] = None,
+            zoo: Optional[dict] = None) -> list[Path]:
+        from .protocol import load_protocol
+        from .runner import attack_id, check_attack_names
+        from .zoo import load_zoo
+
+        ray = _import_ray()
+        zoo = zoo if zoo is not None else load_zoo(spec.zoo)
+        protocol = load_protocol()
+        eps_values = eps_values or [protocol.eps]
+        check_attack_names(attacks, eps_values, protocol)
+        needed = models_needed(zoo, entry_ids, attacks, protocol, spec.dataset)
+
+        started_here = not ray.is_initialized()
+        if started_here:
+            if self.address is None:  # a local instance: its workers inherit this environment
+                ray.init(include_dashboard=False, log_to_driver=False)
+            else:
+                env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+                ray.init(address=self.address, runtime_env={"env_vars": env} if env else None, log_to_driver=False)
+        try:
+            gpus = 1 if spec.device.startswith("cuda") or (
+                spec.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1) else 0
+            # Ray hands each GPU task its own device as cuda:0; progress bars would interleave.
+            worker_spec = dataclasses.replace(spec, device="cuda" if gpus else "cpu", progress=False)
+            prepare = ray.remote(prepare_model).options(num_gpus=gpus, num_cpus=1)
+            cell = ray.remote(run_cell).options(num_gpus=gpus, num_cpus=1)
+            # One task per model, however many entries share it: never two trainings of one model.
+            models = dict.fromkeys(m for entry_models in needed.values() for m in entry_models)
+            trained = {m: prepare.remote(worker_spec, m) for m in models}
+            tasks = {}
+            for entry_id in entry_ids:
+                for name in attacks:
+                    for eps in eps_values:
+                        ref = cell.remote(worker_spec, entry_id, name, eps, *(trained[m] for m in needed[entry_id]))
+                        tasks[ref] = (entry_id, attack_id(name, eps))
+            return self._collect(ray, tasks)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    @staticmethod
+    def _collect(ray, tasks: dict) -> list[Path]:
+        paths, pending = {}, list(tasks)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            status, value = ray.get(done[0])
+            if status == "error":
+                for ref in pending:
+                    ray.cancel(ref)
+                raise ReIDBenchError(value)
+            if value is not None:
+                entry_id, cell_id = tasks[done[0]]
+                paths[done[0]] = Path(value)
+                log(f"[green]✓[/] {entry_id} × {cell_id}")
+        return [paths[ref] for ref in tasks if ref in paths]  # grid order, as the local executor
+
+
+def build_executor(name: str, address: Optional[str] = None):
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address)
+    raise ReIDBenchError(f"unknown executor '{name}' (known: {', '.join(EXECUTORS)})")
