@@ -27,14 +27,14 @@ def main(root: str, attacks: list[str]) -> None:
     cells = cells[(cells["eps"] * 255 - 5).abs() < 1e-6]
     for dataset, group in cells.groupby("dataset", sort=True):
         print(f"\n### {dataset}, ε = 5/255 (Rank-1 / mAP; re-ranked in brackets)\n")
-        header = ["model", "defense", "clean"] + attacks
+        header = ["model", "defense", "trained on", "clean"] + attacks
         print("| " + " | ".join(header) + " |")
         print("| " + " | ".join("---" for _ in header) + " |")
         for model, rows in group.groupby("model", sort=True):
             first = rows.iloc[0]
             by_attack = {r.attack.rsplit("-eps", 1)[0]: r for r in rows.itertuples()}
             clean = f"{pct(first.clean_rank1)} / {pct(first.clean_mAP)}"
-            out = [model, first.defense, clean]
+            out = [model, first.defense, first.train_dataset, clean]
             for name in attacks:
                 r = by_attack.get(name)
                 out.append("–" if r is None else f"{pct(r.rank1)} / {pct(r.mAP)} ({pct(r.rr_rank1)} / {pct(r.rr_mAP)})")
