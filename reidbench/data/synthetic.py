@@ -39,7 +39,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -636,7 +636,32 @@ def _config_digest(cfg: SyntheticConfig, seed: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _load_cached(path: Path) -> Optional[dict[str, torch.Tensor]]:
+SPLIT_KEYS = tuple(f"{part}_{what}" for part in ("train", "query", "gallery") for what in ("images", "pids", "camids"))
+
+
+def preset_config(dataset: str, presets: dict, preset: str, overrides: dict):
+    """``presets[preset]`` with ``overrides`` applied; an unknown preset or field is one line."""
+    if preset not in presets:
+        raise unknown_name(f"{dataset} preset", preset, presets)
+    fields = {f.name for f in dataclasses.fields(presets[preset])}
+    for key in overrides:
+        if key not in fields:
+            raise unknown_name(f"{dataset} option", key, fields)
+    return dataclasses.replace(presets[preset], **overrides)
+
+
+def load_or_generate(path: Path, cache: bool, generate_data, required: Iterable[str] = SPLIT_KEYS) -> dict:
+    """The generated tensors cached at ``path`` when they hold every ``required`` key, else
+    ``generate_data()``, written to ``path`` when ``cache`` is on."""
+    data = _load_cached(path, required) if cache else None
+    if data is None:
+        data = generate_data()
+        if cache:
+            _save_atomic(data, path)
+    return data
+
+
+def _load_cached(path: Path, required: Iterable[str] = SPLIT_KEYS) -> Optional[dict[str, torch.Tensor]]:
     if not path.is_file():
         return None
     try:
@@ -644,8 +669,7 @@ def _load_cached(path: Path) -> Optional[dict[str, torch.Tensor]]:
     except Exception:
         # A cache is only a copy: one this torch cannot read is regenerated, never fatal.
         return None
-    keys = {f"{part}_{what}" for part in ("train", "query", "gallery") for what in ("images", "pids", "camids")}
-    return data if isinstance(data, dict) and keys <= data.keys() else None
+    return data if isinstance(data, dict) and set(required) <= data.keys() else None
 
 
 def _save_atomic(data: dict[str, torch.Tensor], path: Path) -> None:
@@ -667,25 +691,12 @@ def build_synthetic(root: Optional[str | Path] = None, preset: str = "small", se
     any :class:`SyntheticConfig` field on top of the preset."""
     from . import cache_dir
 
-    if preset not in PRESETS:
-        raise unknown_name("synthetic preset", preset, PRESETS)
-    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
-    for key in overrides:
-        if key not in fields:
-            raise unknown_name("synthetic option", key, fields)
-    cfg = dataclasses.replace(PRESETS[preset], **overrides)
+    cfg = preset_config("synthetic", PRESETS, preset, overrides)
     seed = int(seed)
     digest = _config_digest(cfg, seed)
-
-    data = None
     path = (Path(root) if root is not None else cache_dir() / "synthetic") / (
         f"{preset}-seed{seed}-v{GENERATOR_VERSION}-{digest}.pt")
-    if cache:
-        data = _load_cached(path)
-    if data is None:
-        data = generate(cfg, seed)
-        if cache:
-            _save_atomic(data, path)
+    data = load_or_generate(path, cache, lambda: generate(cfg, seed))
 
     subsets = {name: ReIDSubset(data[f"{name}_pids"], data[f"{name}_camids"], images=data[f"{name}_images"])
                for name in ("train", "query", "gallery")}

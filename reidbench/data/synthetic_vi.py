@@ -51,7 +51,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..errors import ReIDBenchError, unknown_name
+from ..errors import ReIDBenchError
 from ..registry import DATASETS
 from . import synthetic
 from .split import INFRARED, VISIBLE, ReIDSplit, ReIDSubset, TrackletSubset
@@ -256,13 +256,7 @@ def build_synthetic_vi(root: Optional[str | Path] = None, preset: str = "small",
     :class:`SyntheticVIConfig` field on top of the preset."""
     from . import cache_dir
 
-    if preset not in VI_PRESETS:
-        raise unknown_name("synthetic-vi preset", preset, VI_PRESETS)
-    fields = {f.name for f in dataclasses.fields(SyntheticVIConfig)}
-    for key in overrides:
-        if key not in fields:
-            raise unknown_name("synthetic-vi option", key, fields)
-    cfg = dataclasses.replace(VI_PRESETS[preset], **overrides)
+    cfg = synthetic.preset_config("synthetic-vi", VI_PRESETS, preset, overrides)
     seed = int(seed)
     seq_len = cfg.frames if seq_len is None else int(seq_len)
     if seq_len < 1:
@@ -270,11 +264,7 @@ def build_synthetic_vi(root: Optional[str | Path] = None, preset: str = "small",
     digest = _digest(cfg, seed)
     path = (Path(root) if root is not None else cache_dir() / "synthetic") / (
         f"vi-{preset}-seed{seed}-v{synthetic.GENERATOR_VERSION}.{VI_GENERATOR_VERSION}-{digest}.pt")
-    data = synthetic._load_cached(path) if cache else None
-    if data is None or not set(_KEYS) <= data.keys():
-        data = generate_vi(cfg, seed)
-        if cache:
-            synthetic._save_atomic(data, path)
+    data = synthetic.load_or_generate(path, cache, lambda: generate_vi(cfg, seed), required=_KEYS)
     subsets = {}
     for part in ("train", "query", "gallery"):
         frames = ReIDSubset(data[f"{part}_pids"], data[f"{part}_camids"], images=data[f"{part}_images"],
