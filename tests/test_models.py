@@ -69,3 +69,12 @@ def test_pretrained_from_a_local_file(tmp_path):
 def test_missing_local_pretrained_file(tmp_path):
     with pytest.raises(ReIDBenchError, match="not found"):
         ReIDModel("resnet18", pretrained=str(tmp_path / "nope.pth"))
+
+
+def test_backbone_args_reach_timm_and_a_wrong_one_is_one_line():
+    narrow = build_model({"backbone": "resnet18", "input_size": [32, 16],
+                          "backbone_args": {"channels": [16, 32, 64, 128], "stem_width": 16}})
+    assert narrow.feat_dim == 128
+    with pytest.raises(ReIDBenchError, match="backbone 'resnet18' does not accept backbone_args") as info:
+        build_model({"backbone": "resnet18", "backbone_args": {"colour": 3}})
+    assert "\n" not in str(info.value)
