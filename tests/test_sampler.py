@@ -102,3 +102,27 @@ def test_works_as_dataloader_batch_sampler():
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=PKSampler(pids, p=4, k=2))
     (first,) = next(iter(loader))
     assert first.shape == (8,) and first.view(4, 2).unique().numel() == 4
+
+
+def test_modality_balanced_batches_split_each_identity_between_modalities():
+    # ids 0-5 in both modalities (one with a single infrared image), ids 6-7 visible only
+    pids, modality = [], []
+    for pid in range(8):
+        infrared = 0 if pid >= 6 else (1 if pid == 0 else 3)
+        pids += [pid] * (5 + infrared)
+        modality += [0] * 5 + [1] * infrared
+    pids, modality = torch.tensor(pids), torch.tensor(modality)
+    sampler = PKSampler(pids, p=4, k=4, seed=1, modality=modality)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            for row in batch.view(4, 4):
+                pid = int(pids[row[0]])
+                assert (pids[row] == pid).all()
+                expected = [0, 0, 0, 0] if pid >= 6 else [0, 0, 1, 1]
+                assert modality[row].tolist() == expected
+
+
+def test_modality_labels_must_match_the_ids():
+    with pytest.raises(ReIDBenchError, match="one modality label per image"):
+        PKSampler(torch.arange(8), p=2, k=2, modality=torch.zeros(5))

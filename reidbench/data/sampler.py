@@ -34,10 +34,18 @@ class PKSampler:
     ``set_epoch(e)`` is always the same, and a further pass in the same epoch (a training loop
     that needs more iterations than one pass gives) draws fresh batches instead of repeating.
 
+    With ``modality`` (0 visible, 1 infrared per entry), an identity filmed in both modalities
+    gives ``ceil(k/2)`` visible and ``floor(k/2)`` infrared entries, each half drawn as above
+    within its modality: the cross-modality batch of visible-infrared ReID (Ye et al., AGW,
+    TPAMI 2021; Zhu et al.'s hetero-centre loss, 2020), without which a batch may hold an
+    identity in one modality only and no loss term ever links the two. An identity seen in one
+    modality is drawn as without ``modality``.
+
     Usable as ``DataLoader(dataset, batch_sampler=PKSampler(...))``.
     """
 
-    def __init__(self, pids: Sequence[int] | torch.Tensor | np.ndarray, p: int = 16, k: int = 4, seed: int = 0):
+    def __init__(self, pids: Sequence[int] | torch.Tensor | np.ndarray, p: int = 16, k: int = 4, seed: int = 0,
+                 modality: Sequence[int] | torch.Tensor | np.ndarray | None = None):
         if int(p) < 1 or int(k) < 1:
             raise ReIDBenchError(f"PKSampler needs p >= 1 and k >= 1, got p={p}, k={k}")
         if int(seed) < 0:
@@ -54,6 +62,16 @@ class PKSampler:
         ids, starts = np.unique(pids[order], return_index=True)
         self.ids = ids
         self._groups = np.split(order, starts[1:]) if len(order) else []
+        self._halves: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self._groups)
+        if modality is not None:
+            modality = np.asarray(torch.as_tensor(modality).long().numpy())
+            if modality.shape != pids.shape:
+                raise ReIDBenchError(f"PKSampler needs one modality label per image: {modality.shape} labels "
+                                     f"for {pids.shape} ids")
+            for i, group in enumerate(self._groups):
+                visible, infrared = group[modality[group] == 0], group[modality[group] == 1]
+                if len(visible) and len(infrared):
+                    self._halves[i] = (visible, infrared)
         if len(ids) < self.p:
             raise ReIDBenchError(
                 f"PKSampler needs at least p={self.p} identities, the training set has {len(ids)}; lower p"
@@ -73,11 +91,18 @@ class PKSampler:
     def __len__(self) -> int:
         return math.ceil(self.num_ids / self.p)
 
-    def _draw(self, rng: np.random.Generator, group: np.ndarray) -> np.ndarray:
-        if len(group) >= self.k:
-            return rng.choice(group, size=self.k, replace=False)
-        extra = rng.choice(group, size=self.k - len(group), replace=True)
+    def _draw(self, rng: np.random.Generator, group: np.ndarray, k: int) -> np.ndarray:
+        if len(group) >= k:
+            return rng.choice(group, size=k, replace=False)
+        extra = rng.choice(group, size=k - len(group), replace=True)
         return np.concatenate([rng.permutation(group), extra])
+
+    def _draw_identity(self, rng: np.random.Generator, i: int) -> np.ndarray:
+        if self._halves[i] is None:
+            return self._draw(rng, self._groups[i], self.k)
+        visible, infrared = self._halves[i]
+        half = (self.k + 1) // 2
+        return np.concatenate([self._draw(rng, visible, half), self._draw(rng, infrared, self.k - half)])
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         # Seeding with the tuple keeps epochs (and passes) independent streams, not shifted
@@ -91,5 +116,5 @@ class PKSampler:
             if len(chosen) < self.p:
                 others = np.setdiff1d(np.arange(self.num_ids), chosen)
                 chosen = np.concatenate([chosen, rng.choice(others, size=self.p - len(chosen), replace=False)])
-            batch = np.concatenate([self._draw(rng, self._groups[i]) for i in chosen])
+            batch = np.concatenate([self._draw_identity(rng, i) for i in chosen])
             yield torch.from_numpy(batch.astype(np.int64))

@@ -53,6 +53,8 @@ class Recipe:
     iters_per_epoch: Optional[int] = None
     amp: bool = True
     seed: int = 0
+    #: visible-infrared data: half of each identity's K from each modality (see PKSampler)
+    modality_balance: bool = True
 
     @classmethod
     def from_dict(cls, data: Optional[dict]) -> "Recipe":
@@ -149,7 +151,8 @@ def train_model(
     size = tuple(getattr(model, "input_size", train.load_uint8(torch.arange(1)).shape[-2:]))
     train = train.materialize(size) if train.stored_size != size else train
     labels = relabel(train.pids)
-    sampler = PKSampler(train.pids, p=recipe.p, k=recipe.k, seed=recipe.seed)
+    sampler = PKSampler(train.pids, p=recipe.p, k=recipe.k, seed=recipe.seed,
+                        modality=train.modality if recipe.modality_balance else None)
     iters = recipe.iters_per_epoch or len(sampler)
 
     params = [p for p in model.parameters() if p.requires_grad]
