@@ -96,8 +96,9 @@ class JPEGCompression(nn.Module):
     """JPEG re-encoding (Dziugaite et al. 2016; Guo et al., ICLR 2018, quality 75).
 
     Forward: a real baseline JPEG round trip through libjpeg (``torchvision.io``), per
-    image, on the CPU. It has no useful gradient; the protocol attacks it with BPDA and the
-    identity as the backward pass (Athalye et al., ICML 2018, §4.1: JPEG ≈ identity)."""
+    image, on the CPU. It has no useful gradient; the protocol attacks it with BPDA, whose
+    backward pass is :class:`DifferentiableJPEG` or the identity (Athalye et al., ICML 2018,
+    §4.1: JPEG ≈ identity), as the ``jpeg`` defense chooses."""
 
     differentiable = False
 
@@ -113,3 +114,91 @@ class JPEGCompression(nn.Module):
         images = (x.detach() * 255.0).round().clamp(0, 255).to(torch.uint8).cpu()
         decoded = [decode_jpeg(encode_jpeg(image, quality=self.quality)) for image in images]
         return torch.stack(decoded).to(device=x.device, dtype=x.dtype) / 255.0
+
+
+#: JPEG's example quantisation tables (ITU-T T.81, Annex K, tables K.1 and K.2), row-major.
+_LUMA_TABLE = (
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+    14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+    18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+_CHROMA_TABLE = (
+    17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
+    24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99) + (99,) * 32
+
+
+def jpeg_quant_table(base: Sequence[int], quality: int) -> torch.Tensor:
+    """The (8, 8) table libjpeg uses at ``quality`` (the IJG scaling of ``jpeg_set_quality``)."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    table = (torch.tensor(base, dtype=torch.float64) * scale + 50).div(100).floor().clamp(1, 255)
+    return table.view(8, 8)
+
+
+def _dct_matrix() -> torch.Tensor:
+    n = torch.arange(8, dtype=torch.float64)
+    matrix = torch.cos((2 * n[None, :] + 1) * n[:, None] * torch.pi / 16) * (2 / 8) ** 0.5
+    matrix[0] /= 2 ** 0.5
+    return matrix  # orthonormal DCT-II: coefficients = M @ block @ M.T
+
+
+class DifferentiableJPEG(nn.Module):
+    """A differentiable model of libjpeg's baseline round trip, the BPDA surrogate of
+    :class:`JPEGCompression` (Shin & Song, "JPEG-resistant adversarial images", NeurIPS 2017
+    workshop; Athalye et al., ICML 2018, §4.1 name it as the better approximation).
+
+    The codec's steps: RGB → YCbCr (JFIF), chroma 2×2 box subsampling (``subsampling``; the
+    4:2:0 of libjpeg's defaults), level shift, 8×8 block DCT, division by the quality-scaled
+    Annex K tables, rounding, and back (chroma upsampled bilinearly, where libjpeg uses its
+    "fancy" triangle filter). Rounding is ``rounding``: ``cubic`` is Shin & Song's
+    ``⌊x⌉ + (x − ⌊x⌉)³`` (the true value forward, a gradient that vanishes near integers
+    but not everywhere), ``linear`` is straight-through (gradient 1). Edges are padded by
+    replication to whole blocks, as libjpeg does, and cropped back.
+    """
+
+    def __init__(self, quality: int = 75, subsampling: bool = True, rounding: str = "cubic"):
+        super().__init__()
+        if not 1 <= int(quality) <= 100:
+            raise ReIDBenchError(f"jpeg: quality must be in [1, 100], got {quality}")
+        if rounding not in ("cubic", "linear"):
+            raise ReIDBenchError(f"differentiable JPEG: rounding must be 'cubic' or 'linear', got {rounding!r}")
+        self.quality, self.subsampling, self.rounding = int(quality), bool(subsampling), rounding
+        self.register_buffer("dct", _dct_matrix().float(), persistent=False)
+        self.register_buffer("luma", jpeg_quant_table(_LUMA_TABLE, self.quality).float(), persistent=False)
+        self.register_buffer("chroma", jpeg_quant_table(_CHROMA_TABLE, self.quality).float(), persistent=False)
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        rounded = torch.round(x).detach()
+        if self.rounding == "cubic":
+            return rounded + (x - rounded) ** 3
+        return x + (rounded - x).detach()
+
+    def _codec(self, plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Quantise one (N, h, w) plane, h and w multiples of 8, in 0..255 units."""
+        n, h, w = plane.shape
+        blocks = (plane - 128).view(n, h // 8, 8, w // 8, 8).transpose(2, 3)
+        coefficients = self.dct @ blocks @ self.dct.T
+        coefficients = self._round(coefficients / table) * table
+        blocks = self.dct.T @ coefficients @ self.dct
+        return blocks.transpose(2, 3).reshape(n, h, w) + 128
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        unit = 16 if self.subsampling else 8
+        pad = (0, -width % unit, 0, -height % unit)
+        rgb = F.pad(x.float() * 255, pad, mode="replicate") if any(pad) else x.float() * 255
+        r, g, b = rgb.unbind(1)
+        y = 0.299 * r + 0.587 * g + 0.114 * b
+        cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
+        cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
+        y = self._codec(y, self.luma)
+        chroma = torch.stack([cb, cr], 1)
+        if self.subsampling:
+            chroma = F.avg_pool2d(chroma, 2)
+        n, _, h, w = chroma.shape
+        chroma = self._codec(chroma.reshape(n * 2, h, w), self.chroma).view(n, 2, h, w)
+        if self.subsampling:
+            chroma = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)
+        cb, cr = chroma[:, 0] - 128, chroma[:, 1] - 128
+        out = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
+        out = out[..., :height, :width] / 255
+        return out.clamp(0, 1).to(x.dtype)

@@ -6,7 +6,7 @@ import torch
 import defenses  # noqa: F401  (registers every defense)
 from defenses.adversarial import BatchGuidedPGD
 from defenses.jad import ProactiveTransform, augmentation_policy, channel_fusion, grayscale, sketch
-from defenses.transforms import CircuitousScaling, JPEGCompression, RandomResizePad
+from defenses.transforms import CircuitousScaling, DifferentiableJPEG, JPEGCompression, RandomResizePad
 from reidbench.attack import AttackContext, build_attack
 from reidbench.defense import DefendedModel, build_defense
 from reidbench.errors import ReIDBenchError
@@ -108,6 +108,35 @@ def test_bpda_gets_gradients_through_jpeg(tiny_model):
         torch.autograd.grad(model(x).sum(), x)  # the real transform has no gradient
     (grad,) = torch.autograd.grad(model.with_bpda()(x).pow(2).sum(), x)
     assert grad.abs().sum() > 0
+
+
+def smooth_batch(seed=0, b=8, h=64, w=32):
+    """Image-like inputs (JPEG is built for them): upsampled coarse colour fields plus mild noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(b, 3, h // 8, w // 8, generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return (x + 0.03 * torch.randn(b, 3, h, w, generator=g)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("quality", [30, 75, 95])
+def test_differentiable_jpeg_follows_libjpeg(quality):
+    x = smooth_batch()
+    real, model = JPEGCompression(quality)(x), DifferentiableJPEG(quality)(x)
+    # far closer to the real round trip than the identity (BPDA's straight-through) is
+    assert (model - real).abs().mean() < 0.4 * (x - real).abs().mean()
+    assert model.shape == x.shape and 0 <= float(model.min()) and float(model.max()) <= 1
+
+
+def test_jpeg_bpda_surrogate_is_a_parameter(tiny_model):
+    x = smooth_batch(b=4).requires_grad_(True)
+    grads = {}
+    for bpda in ("differentiable", "identity"):
+        model = DefendedModel(tiny_model.model, build_defense({"name": "jpeg", "bpda": bpda})).eval().with_bpda()
+        (grads[bpda],) = torch.autograd.grad(model(x).pow(2).sum(), x)
+        assert grads[bpda].abs().sum() > 0
+    assert not torch.allclose(grads["differentiable"], grads["identity"])
+    with pytest.raises(ReIDBenchError, match="bpda must be"):
+        build_defense({"name": "jpeg", "bpda": "exact"})
 
 
 @pytest.mark.parametrize("guides", ["intra", "sma", "fna"])
