@@ -117,3 +117,39 @@ def test_the_leaderboard_says_where_a_cross_dataset_row_was_trained(tmp_path):
     assert list(results_table(tmp_path / "results")["train_dataset"]) == ["synthetic"]
     html = render_site(tmp_path / "results", tmp_path / "site").read_text()
     assert "trained on" in html and '<td data-sort="synthetic">synthetic</td>' in html
+
+
+
+def test_transfer_images_are_crafted_once_per_run_and_shared_by_every_target(tiny_zoo_file, tiny_model, tmp_path,
+                                                                             monkeypatch):
+    """A transfer attack never sees the target, so one run crafts its images once (on the
+    surrogate) and every target is scored on those same images."""
+    from reidbench.protocol import Protocol, load_protocol
+    from reidbench.registry import ATTACKS
+    from reidbench.runner import Runner
+    from reidbench.zoo import load_zoo
+
+    zoo_file = tmp_path / "zoo.yaml"
+    zoo_file.write_text(tiny_zoo_file.read_text() + "".join(f"""
+- id: tiny-{name}
+  backbone: resnet10t
+  dataset: {{name: synthetic, preset: tiny}}
+  defense: {name}
+  model: {{input_size: [64, 32], last_stride: 1}}
+  weights: {{from: tiny-none}}
+""" for name in ("cs", "jpeg")))
+    zoo = load_zoo(zoo_file)
+    raw = json.loads(json.dumps(load_protocol().raw))
+    raw["perturbation"]["iterations"] = 2
+    raw["transfer"]["surrogates"]["synthetic"] = "tiny-none"
+    inner = ATTACKS.get(raw["transfer"]["attack"])
+    crafted = []
+    original = inner.perturb
+    monkeypatch.setattr(inner, "perturb", lambda self, model, queries, ctx: crafted.append(len(queries))
+                        or original(self, model, queries, ctx))
+    runner = Runner(zoo, results_root=tmp_path / "results", protocol=Protocol("v1", raw), device="cpu",
+                    train_missing=False, rerank=False, progress=False)
+    paths = runner.run([zoo["tiny-cs"], zoo["tiny-jpeg"]], ["transfer"])
+    assert sum(crafted) == len(runner.bundle(zoo["tiny-cs"]).split.query)  # for the first target only
+    sizes = [json.loads(p.read_text())["perturbation"] for p in paths]
+    assert sizes[0] == sizes[1] and sizes[0]["linf_max"] > 0  # both scored on the very same images
