@@ -2,16 +2,19 @@
 clean and attacked Rank-1 / mAP (plain and re-ranked), one row per (dataset, defense).
 
     reidbench run --model <ids...> --attack m-ifgsm sma fna lta oblivious
-    python benchmarks/defense_table.py results [m-ifgsm sma fna lta oblivious]
+    python benchmarks/defense_table.py results [m-ifgsm sma fna lta oblivious] [--variance m-ifgsm]
 
 White-box cells go through the defense's input transform (EOT for a stochastic one, BPDA
 for a non-differentiable one): they are the adaptive numbers. ``oblivious`` runs M-I-FGSM on
-the network without the transform: the non-adaptive number.
+the network without the transform: the non-adaptive number. ``--variance ATTACK`` adds the
+variance of per-identity Rank-1 (percent², DDID's bias measure; reidbench.metrics.fairness),
+clean and under ATTACK.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import math
 from pathlib import Path
 
 from reidbench.leaderboard import percent as pct, results_table
@@ -19,7 +22,11 @@ from reidbench.leaderboard import percent as pct, results_table
 DEFAULT_ATTACKS = ["m-ifgsm", "sma", "fna", "lta", "oblivious"]
 
 
-def main(root: str, attacks: list[str]) -> None:
+def _variance(value: float) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.0f}"
+
+
+def main(root: str, attacks: list[str], variance: str | None = None) -> None:
     cells = results_table(Path(root))
     if cells.empty:
         print(f"no results under {root}")
@@ -28,6 +35,8 @@ def main(root: str, attacks: list[str]) -> None:
     for dataset, group in cells.groupby("dataset", sort=True):
         print(f"\n### {dataset}, ε = 5/255 (Rank-1 / mAP; re-ranked in brackets)\n")
         header = ["model", "defense", "trained on", "clean"] + attacks
+        if variance:
+            header += ["identity var, clean", f"identity var, {variance}"]
         print("| " + " | ".join(header) + " |")
         print("| " + " | ".join("---" for _ in header) + " |")
         for model, rows in group.groupby("model", sort=True):
@@ -38,8 +47,16 @@ def main(root: str, attacks: list[str]) -> None:
             for name in attacks:
                 r = by_attack.get(name)
                 out.append("–" if r is None else f"{pct(r.rank1)} / {pct(r.mAP)} ({pct(r.rr_rank1)} / {pct(r.rr_mAP)})")
+            if variance:
+                attacked = by_attack.get(variance)
+                out += [_variance(first.clean_var), _variance(None if attacked is None else attacked.var)]
             print("| " + " | ".join(out) + " |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "results", sys.argv[2:] or DEFAULT_ATTACKS)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", nargs="?", default="results")
+    parser.add_argument("attacks", nargs="*", default=DEFAULT_ATTACKS)
+    parser.add_argument("--variance", metavar="ATTACK", help="add per-identity Rank-1 variance, clean and under ATTACK")
+    args = parser.parse_args()
+    main(args.root, args.attacks or DEFAULT_ATTACKS, args.variance)
