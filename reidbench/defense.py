@@ -33,6 +33,10 @@ class Defense:
     #: training loop before each batch: ``camids`` and ``modality`` (None when the dataset
     #: has no modality labels), on the batch's device
     batch_labels: dict = {}
+    #: the zoo of the entry being trained, set by ``reidbench.zoo.train_entry`` before
+    #: ``prepare_train`` (None outside it), for a defense that names other entries (APD's
+    #: frozen feature network)
+    zoo: Optional[dict] = None
 
     def __init__(self, **params):
         self.params = params
