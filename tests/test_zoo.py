@@ -25,6 +25,11 @@ def write(tmp_path, text):
 def test_the_shipped_zoo_is_valid_and_has_a_default_suite():
     zoo = load_zoo(DEFAULT_ZOO)
     assert any("default" in e.suite for e in zoo.values())
+    # `reidbench run --all` must stay a CPU job: no papers'-scale entry may fall into the default
+    # suite (an entry without `suite` does), nor any entry outside the gpu suite
+    for entry in zoo.values():
+        if tuple(entry.model.get("input_size", (64, 32))) > (64, 32):
+            assert entry.suite == ["gpu"], entry.id
 
 
 def test_a_minimal_entry_gets_defaults(tmp_path):
