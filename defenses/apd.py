@@ -425,6 +425,8 @@ def running_stats_frozen(model: nn.Module):
 class APD(Defense):
     """APD (Tan et al. 2025): MPG-Net's hard samples, then SP-Net trained with SSD."""
 
+    zoo_references = ("feature_net",)
+
     def __init__(self, feature_net: str = IMAGENET, metric_stage: int = 4, content_stage: int = 2,
                  negatives: int = 2, gen_width: int = 16, gen_blocks: int = 2, disc_width: int = 16,
                  eps_255: Optional[float] = None, mpg_steps: int = 500, mpg_batch: int = 16, mpg_lr: float = 2e-4,

@@ -33,6 +33,9 @@ class Defense:
     #: training loop before each batch: ``camids`` and ``modality`` (None when the dataset
     #: has no modality labels), on the batch's device
     batch_labels: dict = {}
+    #: parameters whose value may name another zoo entry (e.g. APD's ``feature_net``): the zoo
+    #: pins that entry's recipe key into this one's, so retraining it retrains this
+    zoo_references: tuple[str, ...] = ()
     #: the zoo of the entry being trained, set by ``reidbench.zoo.train_entry`` before
     #: ``prepare_train`` (None outside it), for a defense that names other entries (APD's
     #: frozen feature network)

@@ -61,6 +61,9 @@ class ZooEntry:
     #: ``{from: ID}``: training starts from that entry's trained weights (fine-tuning); the
     #: zoo loader adds ``recipe_key``, the base's, so retraining the base retrains this one.
     init: dict = field(default_factory=dict)
+    #: recipe keys of the entries the defense's parameters name (``Defense.zoo_references``),
+    #: added by the zoo loader, so retraining such an entry retrains this one
+    references: dict = field(default_factory=dict)
     suite: list = field(default_factory=lambda: ["default"])
     description: str = ""
     # relative weight paths are read from here; where the file lies is not part of the entry
@@ -85,7 +88,8 @@ class ZooEntry:
         """Fingerprint of everything that decides the trained weights."""
         blob = json.dumps(
             {"backbone": self.backbone, "dataset": self.dataset, "defense": self.defense,
-             "model": self.model, "recipe": self.recipe, **({"init": self.init} if self.init else {})},
+             "model": self.model, "recipe": self.recipe, **({"init": self.init} if self.init else {}),
+             **({"references": self.references} if self.references else {})},
             sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -178,7 +182,23 @@ def load_zoo(path: Optional[str | Path] = None) -> dict[str, ZooEntry]:
             _check_shared_weights(entry, entries[base])
     for entry in entries.values():
         _resolve_init(entry, entries, path.name, ())
+    for entry in entries.values():
+        _pin_references(entry, entries)
     return entries
+
+
+def _pin_references(entry: ZooEntry, entries: dict[str, ZooEntry]) -> None:
+    """Pin the recipe key of every zoo entry the defense's parameters name (APD's frozen
+    feature network), as ``init.from`` pins its base's. Other values are the defense's to check."""
+    from .registry import DEFENSES
+
+    name = entry.defense.get("name")
+    if name not in DEFENSES:
+        return
+    for param in getattr(DEFENSES.get(name), "zoo_references", ()):
+        other = entries.get(entry.defense.get(param))
+        if other is not None and other.id != entry.id:
+            entry.references[param] = {"from": other.id, "recipe_key": training_entry(other, entries).recipe_key()}
 
 
 def _resolve_init(entry: ZooEntry, entries: dict[str, ZooEntry], source: str, chain: tuple[str, ...]) -> None:

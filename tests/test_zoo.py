@@ -182,6 +182,23 @@ def test_fine_tuned_entries_pin_their_bases_recipe(tmp_path):
     assert changed["m1-at"].recipe_key() != zoo["m1-at"].recipe_key()
 
 
+def test_a_defense_naming_another_entry_pins_its_recipe(tmp_path):
+    text = GOOD + """
+- id: m1-apd
+  backbone: resnet18
+  dataset: {name: synthetic, preset: tiny}
+  defense: {name: apd, feature_net: m1}
+  model: {head: apd-split}
+"""
+    zoo = load_zoo(write(tmp_path, text))
+    assert zoo["m1-apd"].references == {"feature_net": {"from": "m1", "recipe_key": zoo["m1"].recipe_key()}}
+    changed = load_zoo(write(tmp_path, text.replace("defense: {name: none}", "defense: {name: none}\n  recipe: {epochs: 7}")))
+    # APD's frozen feature network changed: its generated samples, hence its weights, change
+    assert changed["m1-apd"].recipe_key() != zoo["m1-apd"].recipe_key()
+    imagenet = load_zoo(write(tmp_path, text.replace("feature_net: m1", "feature_net: imagenet")))
+    assert imagenet["m1-apd"].references == {}
+
+
 @pytest.mark.parametrize("text, message", [
     (FINETUNED.replace("init: {from: m1}", "init: {from: m9}"), "init.from names no zoo entry"),
     (FINETUNED.replace("init: {from: m1}", "init: {from: m1, lr: 3}"), "'init' takes exactly one string field"),
