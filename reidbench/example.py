@@ -67,9 +67,12 @@ def top_ranking(distances: torch.Tensor, split: ReIDSplit, query_index: int, k: 
 
 
 def png_base64(image: torch.Tensor) -> str:
-    """A (3, H, W) image, uint8 or float in [0, 1], as base64 PNG at the thumbnail size."""
+    """A (3, H, W) image, uint8 or float in [0, 1], as base64 PNG at the thumbnail size. A
+    (T, 3, H, W) tracklet shows its first frame: a thumbnail has one slot."""
     from PIL import Image
 
+    if image.dim() == 4:
+        image = image[0]
     if image.dtype != torch.uint8:
         image = image.detach().cpu().clamp(0, 1).mul(255).round().to(torch.uint8)
     small = resize_uint8(image.cpu().unsqueeze(0), THUMBNAIL_SIZE)[0]

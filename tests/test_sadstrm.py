@@ -216,3 +216,24 @@ def test_a_direction_entry_borrows_the_weights_trained_for_the_other(tmp_path):
     path.write_text(base.replace("preset: tiny, direction", "preset: small, direction"))
     with pytest.raises(ReIDBenchError, match="weights.from 'a' has another dataset"):
         load_zoo(path)
+
+
+def test_the_runner_scores_and_records_a_video_cell(tmp_path):
+    """A white-box cell on a video entry, written with its example query (first frames)."""
+    import json
+
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text("""
+- id: tiny-vi
+  backbone: resnet10t
+  dataset: {name: synthetic-vi, preset: tiny}
+  defense: {name: none}
+  model: {input_size: [32, 16], last_stride: 1, video: {parts: 4}}
+  recipe: {epochs: 1, batch: {p: 4, k: 2}, iters_per_epoch: 2, warmup_epochs: 1}
+""")
+    results = tmp_path / "results"
+    argv = ["run", "--model", "tiny-vi", "--attack", "m-fgsm", "--zoo", str(zoo), "--results", str(results),
+            "--site", str(tmp_path / "site"), "--device", "cpu", "--no-rerank"]
+    assert main(argv) == 0
+    record = json.loads((results / "v1/synthetic-vi/tiny-vi/m-fgsm-eps5.json").read_text())
+    assert record["attacked"]["rank1"] is not None and set(record["example"]["thumbnails"]) >= {"query", "query_attacked"}
