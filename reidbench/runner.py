@@ -163,7 +163,7 @@ class Runner:
 
     def input_key(self, bundle: ModelBundle, attack: Attack) -> str:
         blob = {"protocol": self.protocol.fingerprint(), "model": bundle.entry.id, "weights": bundle.weights_sha256,
-                "defense": bundle.entry.defense, "split": bundle.split.split_hash, "attack": attack.describe(),
+                "defense": bundle.model.defense.describe(), "split": bundle.split.split_hash, "attack": attack.describe(),
                 "rerank": self.rerank, "engine": __version__}
         if "surrogate" in attack.needs:
             blob["surrogate"] = self.surrogate_bundle(bundle).weights_sha256
@@ -205,7 +205,7 @@ class Runner:
         record.update({
             "schema": 1, "input_key": key, "attack_id": attack_id(attack_name, eps),
             "protocol": {"version": self.protocol.version, "fingerprint": self.protocol.fingerprint()},
-            "model": {"id": entry.id, "backbone": entry.backbone, "defense": entry.defense,
+            "model": {"id": entry.id, "backbone": entry.backbone, "defense": bundle.model.defense.describe(),
                       "weights_sha256": bundle.weights_sha256, "recipe": training_entry(entry, self.zoo).recipe, "model": entry.model,
                       "train_dataset": entry.dataset, "stochastic": bundle.model.stochastic,
                       "differentiable": bundle.model.defense.differentiable},

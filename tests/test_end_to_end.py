@@ -153,3 +153,31 @@ def test_transfer_images_are_crafted_once_per_run_and_shared_by_every_target(tin
     assert sum(crafted) == len(runner.bundle(zoo["tiny-cs"]).split.query)  # for the first target only
     sizes = [json.loads(p.read_text())["perturbation"] for p in paths]
     assert sizes[0] == sizes[1] and sizes[0]["linf_max"] > 0  # both scored on the very same images
+
+
+
+def test_a_cell_is_keyed_by_the_defense_it_ran_not_by_how_the_entry_spelled_it(tiny_zoo_file, tiny_model, tmp_path):
+    """A defense's resolved parameters (defaults included) decide a cell: a changed default
+    must recompute it, and spelling the default out must not."""
+    from reidbench.attack import build_attack
+    from reidbench.runner import Runner
+    from reidbench.zoo import load_zoo
+
+    attack = build_attack("m-fgsm", eps=5 / 255, step=1 / 255, iterations=1)
+
+    def key(params):
+        zoo_file = tmp_path / "zoo.yaml"
+        zoo_file.write_text(tiny_zoo_file.read_text() + f"""
+- id: tiny-jpeg
+  backbone: resnet10t
+  dataset: {{name: synthetic, preset: tiny}}
+  defense: {{name: jpeg{params}}}
+  model: {{input_size: [64, 32], last_stride: 1}}
+  weights: {{from: tiny-none}}
+""")
+        zoo = load_zoo(zoo_file)
+        runner = Runner(zoo, results_root=tmp_path / "results", device="cpu", train_missing=False, progress=False)
+        return runner.input_key(runner.bundle(zoo["tiny-jpeg"]), attack)
+
+    assert key("") == key(", bpda: differentiable")  # the default, spelled out or not
+    assert key("") != key(", bpda: identity")
