@@ -26,12 +26,15 @@ class BudgetExceeded(ReIDBenchError):
 
 @dataclass
 class SurrogateView:
-    """A transfer attacker's own model: a fixed zoo model and its clean features."""
+    """A transfer attacker's own model: a fixed zoo model and its clean features. ``crafted``
+    holds what a transfer attack has already crafted on it; the runner shares one store with
+    every target of a run, since images made without the target are the same for all."""
 
     entry_id: str
     model: torch.nn.Module
     query_feats: torch.Tensor
     gallery_feats: torch.Tensor
+    crafted: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -87,8 +87,8 @@ class Runner:
         self.force = force
         self._splits: dict[str, ReIDSplit] = {}
         self._bundles: dict[str, ModelBundle] = {}
-        # Transfer attacks never see the target, so their adversarial images are the same for
-        # every target on one split: crafted once per run, reused by each model's cell.
+        # Transfer attacks never see the target: what they craft on the surrogate serves every
+        # target of the run (SurrogateView.crafted).
         self._transfer_images: dict[str, torch.Tensor] = {}
 
     # --- inputs ------------------------------------------------------------------------
@@ -237,7 +237,8 @@ class Runner:
         if "surrogate" in attack.needs:
             sur = self.surrogate_bundle(bundle)
             sur_feats = self.clean_features(sur)
-            ctx.surrogate = SurrogateView(sur.entry.id, sur.model, sur_feats[own], sur_feats[other])
+            ctx.surrogate = SurrogateView(sur.entry.id, sur.model, sur_feats[own], sur_feats[other],
+                                          crafted=self._transfer_images)
         if "train" in attack.needs:
             # A learned attack studies the training split of the model it has access to.
             source = self.surrogate_bundle(bundle) if "surrogate" in attack.needs else bundle
@@ -278,13 +279,7 @@ class Runner:
                                                   len(index), self.protocol.normalize)
                 if start == 0 and attack.threat_model == "white-box":
                     zero_share = input_gradient_zero_share(target, images, batch_ctx, self.protocol.normalize)
-                memo = self.transfer_memo_key(bundle, attack, ctx, side, size, start, index)
-                adv = self._transfer_images.get(memo) if memo else None
-                if adv is None:
-                    adv = attack(target, images, batch_ctx)
-                    if memo:
-                        self._transfer_images[memo] = adv.detach().cpu()
-                adv = adv.to(self.device)
+                adv = attack(target, images, batch_ctx)
                 if capture is not None and capture.index is not None and bool((index == capture.index).any()):
                     capture.image = adv[int((index == capture.index).nonzero()[0])].detach().cpu()
                 delta = (adv - images).flatten(1)
@@ -294,18 +289,6 @@ class Runner:
                     out.append(embed(model, adv, self.protocol.normalize).cpu())
                 bar.update(task, advance=len(index))
         return torch.cat(out), linf, l2sum / max(n, 1), zero_share
-
-    @staticmethod
-    def transfer_memo_key(bundle: ModelBundle, attack: Attack, ctx: AttackContext, side: str, size: tuple,
-                          start: int, index: torch.Tensor) -> Optional[str]:
-        """Key of a transfer batch's adversarial images: everything they depend on (attack
-        parameters, surrogate, split, side, input size, batch position and members). None for
-        an attack that may use the target."""
-        if attack.threat_model != "transfer":
-            return None
-        params = {**attack.describe(), "surrogate": ctx.surrogate.entry_id if ctx.surrogate else None}
-        return json.dumps({"attack": params, "split": bundle.split.split_hash, "side": side, "size": list(size),
-                           "start": start, "index": index.tolist()}, sort_keys=True, default=str)
 
     def score(self, bundle: ModelBundle, feats: dict, q: torch.Tensor, g: torch.Tensor,
               example: Optional[ExampleCapture] = None) -> tuple[dict, dict]:
