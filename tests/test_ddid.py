@@ -150,6 +150,9 @@ def test_prepare_train_appends_a_balanced_cached_generated_set(tiny_split, monke
 
     monkeypatch.setattr("defenses.ddid.train_ddpm", no_training)
     assert torch.equal(build_defense({"name": "ddid", **TINY_DDPM}).prepare_train(tiny_split).images, train.images)
+    # The generator itself is reachable for diagnostics (benchmarks/ddid_generation.py), from the cache too.
+    ddpm = build_defense({"name": "ddid", **TINY_DDPM}).ddpm_for(tiny_split)
+    assert ddpm.sample(torch.tensor([0, 1]), torch.tensor([0, 0]), (32, 16), steps=2).shape == (2, 3, 32, 16)
     assert build_defense({"name": "ddid", "balance": False}).prepare_train(tiny_split) is tiny_split.train
 
 

@@ -167,38 +167,54 @@ class DDID(Defense):
             return split.train
         return concat_subsets([split.train, self.generated_set(split, device)], tuple(split.image_size))
 
+    def _ddpm_key(self, split) -> str:
+        p = self.params
+        return _fingerprint({"split": split.split_hash, "cameras": self.uses_cameras(split), "version": GENERATOR_VERSION,
+                             **{k: p[k] for k in _DDPM_KEYS}})
+
+    def ddpm_for(self, split, device: str = "cpu", progress: bool = True) -> ConditionalDDPM:
+        """The identity- (and camera-) conditional DDPM of ``split``'s training set: loaded from
+        the cache, or trained there first. Its class indices are the positions of the sorted
+        unique training pids (and camids)."""
+        p = self.params
+        use_cameras = self.uses_cameras(split)
+        train = split.train
+        ids, id_labels = torch.unique(train.pids, return_inverse=True)
+        cameras, cam_labels = torch.unique(train.camids, return_inverse=True)
+        ddpm = self.build_ddpm(len(ids), len(cameras) if use_cameras else 0)
+        root = cache_dir() / "ddid"
+        root.mkdir(parents=True, exist_ok=True)
+        ddpm_path = root / f"ddpm-{self._ddpm_key(split)}.safetensors"
+        if ddpm_path.is_file():
+            ddpm.net.load_state_dict(load_file(str(ddpm_path)))
+            ddpm.net.to(device)
+            return ddpm
+        started = time.time()
+        images = train.load_uint8(None, tuple(p["ddpm_size"]))
+        losses = train_ddpm(ddpm, images, id_labels, cam_labels if use_cameras else None, p["ddpm_steps"],
+                            p["ddpm_batch"], p["ddpm_lr"], torch.Generator().manual_seed(p["seed"]), p["ddpm_ema"],
+                            device, progress)
+        tenth = max(1, len(losses) // 10)
+        head, tail = (sum(part) / len(part) for part in (losses[:tenth], losses[-tenth:]))
+        log(f"ddid: DDPM trained in {time.time() - started:.0f}s, mean loss {head:.4f} over the first "
+            f"{tenth} steps, {tail:.4f} over the last {tenth}")
+        _atomic_safetensors(ddpm.net.state_dict(), ddpm_path, {"losses": json.dumps(losses)})
+        return ddpm
+
     def generated_set(self, split, device: str = "cpu", progress: bool = True) -> ReIDSubset:
         """The balancing images of ``split``'s training set (cached; see the module docstring)."""
         p = self.params
         use_cameras = self.uses_cameras(split)
         root = cache_dir() / "ddid"
-        ddpm_key = _fingerprint({"split": split.split_hash, "cameras": use_cameras, "version": GENERATOR_VERSION,
-                                 **{k: p[k] for k in _DDPM_KEYS}})
-        generated_path = root / f"generated-{_fingerprint({'ddpm': ddpm_key, **{k: p[k] for k in _SAMPLING_KEYS}})}.pt"
+        generated_path = root / f"generated-{_fingerprint({'ddpm': self._ddpm_key(split), **{k: p[k] for k in _SAMPLING_KEYS}})}.pt"
         if generated_path.is_file():
             data = torch.load(generated_path, weights_only=True)
             return ReIDSubset(data["pids"], data["camids"], images=data["images"])
-        root.mkdir(parents=True, exist_ok=True)
         train = split.train
-        ids, id_labels = torch.unique(train.pids, return_inverse=True)
-        cameras, cam_labels = torch.unique(train.camids, return_inverse=True)
-        ddpm = self.build_ddpm(len(ids), len(cameras) if use_cameras else 0)
-        ddpm_path = root / f"ddpm-{ddpm_key}.safetensors"
+        ids = torch.unique(train.pids)
+        cameras = torch.unique(train.camids)
         size = tuple(p["ddpm_size"])
-        if ddpm_path.is_file():
-            ddpm.net.load_state_dict(load_file(str(ddpm_path)))
-            ddpm.net.to(device)
-        else:
-            started = time.time()
-            images = train.load_uint8(None, size)
-            losses = train_ddpm(ddpm, images, id_labels, cam_labels if use_cameras else None, p["ddpm_steps"],
-                                p["ddpm_batch"], p["ddpm_lr"], torch.Generator().manual_seed(p["seed"]), p["ddpm_ema"],
-                                device, progress)
-            tenth = max(1, len(losses) // 10)
-            head, tail = (sum(part) / len(part) for part in (losses[:tenth], losses[-tenth:]))
-            log(f"ddid: DDPM trained in {time.time() - started:.0f}s, mean loss {head:.4f} over the first "
-                f"{tenth} steps, {tail:.4f} over the last {tenth}")
-            _atomic_safetensors(ddpm.net.state_dict(), ddpm_path, {"losses": json.dumps(losses)})
+        ddpm = self.ddpm_for(split, device, progress)
         # Its own stream: the same DDPM, trained now or loaded, gives the same set.
         generator = torch.Generator().manual_seed(p["seed"] + 1)
         plan = plan_balance(train.pids, train.camids, p["target_quantile"], use_cameras, p["unseen_cameras"], generator,
