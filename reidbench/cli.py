@@ -55,6 +55,15 @@ def cmd_run(args) -> int:
         from .registry import DATASETS
 
         DATASETS.get(args.dataset)
+    if args.attack:
+        # The protocol's grid skips cells it does not define; a named attack must run.
+        from .runner import undefined_cell
+
+        for entry in entries:
+            for name in attacks:
+                reason = undefined_cell(protocol, name, args.dataset or entry.dataset_name)
+                if reason:
+                    raise ReIDBenchError(f"cannot run '{name}' on model '{entry.id}': {reason}; leave it out of --attack")
     executor = build_executor(args.executor, args.address)
     executor.run(RunSpec.from_args(args), [e.id for e in entries], attacks, eps_values, zoo=zoo)
     index = render_site(Path(args.results), Path(args.site) if args.site else None, protocol.version)

@@ -129,8 +129,9 @@ def models_needed(zoo: dict, entry_ids: list[str], attacks: list[str], protocol,
     for entry_id in entry_ids:
         entry = get_entry(zoo, entry_id)
         models = [training_entry(entry, zoo).id]
-        if surrogate_attacks:
-            surrogate = get_entry(zoo, protocol.surrogate(dataset or entry.dataset_name))
+        test_dataset = dataset or entry.dataset_name
+        if surrogate_attacks and protocol.has_surrogate(test_dataset):
+            surrogate = get_entry(zoo, protocol.surrogate(test_dataset))
             models.append(training_entry(surrogate, zoo).id)
         needed[entry_id] = list(dict.fromkeys(models))
     return needed
@@ -154,7 +155,7 @@ class RayExecutor:
     def run(self, spec: RunSpec, entry_ids: list[str], attacks: list[str], eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
         from .protocol import load_protocol
-        from .runner import attack_id, check_attack_names
+        from .runner import attack_id, check_attack_names, undefined_cell
         from .zoo import load_zoo
 
         ray = _import_ray()
@@ -184,6 +185,10 @@ class RayExecutor:
             tasks = {}
             for entry_id in entry_ids:
                 for name in attacks:
+                    reason = undefined_cell(protocol, name, spec.dataset or zoo[entry_id].dataset_name)
+                    if reason:
+                        log(f"[yellow]–[/] {entry_id} × {name}: not run ({reason})")
+                        continue
                     for eps in eps_values:
                         ref = cell.remote(worker_spec, entry_id, name, eps, *(trained[m] for m in needed[entry_id]))
                         tasks[ref] = (entry_id, attack_id(name, eps))

@@ -72,6 +72,9 @@ class Protocol:
     def zero_gradient_flag(self) -> float:
         return float(self.raw.get("sanity", {}).get("zero_gradient_share", 0.5))
 
+    def has_surrogate(self, dataset: str) -> bool:
+        return dataset in self.raw.get("transfer", {}).get("surrogates", {})
+
     def surrogate(self, dataset: str) -> str:
         surrogates = self.raw.get("transfer", {}).get("surrogates", {})
         if dataset not in surrogates:

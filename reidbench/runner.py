@@ -333,18 +333,34 @@ class Runner:
     def run(self, entries: list[ZooEntry], attacks: list[str], eps_values: Optional[list[float]] = None,
             dataset: Optional[dict] = None) -> list[Path]:
         """Every (entry × attack × ε) cell, on each entry's own dataset or on ``dataset``
-        (cross-dataset: train on A, test on B; the cells are filed under B)."""
+        (cross-dataset: train on A, test on B; the cells are filed under B). A cell the
+        protocol does not define (:func:`undefined_cell`) is skipped with its reason."""
         eps_values = eps_values or [self.protocol.eps]
         check_attack_names(attacks, eps_values, self.protocol)
         paths = []
         for entry in entries:
             for name in attacks:
+                reason = undefined_cell(self.protocol, name, (dataset or entry.dataset)["name"])
+                if reason:
+                    log(f"[yellow]–[/] {entry.id} × {name}: not run ({reason})")
+                    continue
                 for eps in eps_values:
                     path = self.run_cell(entry, name, eps, dataset)
                     if path is not None:
                         paths.append(path)
                         log(f"[green]✓[/] {entry.id} × {attack_id(name, eps)}")
         return paths
+
+
+def undefined_cell(protocol: Protocol, attack_name: str, dataset_name: str) -> Optional[str]:
+    """Why ``protocol`` defines no cell for ``attack_name`` on ``dataset_name``; None when it
+    does. A transfer attack needs the surrogate the protocol fixes for the dataset, and a
+    surrogate of our choosing would make the number incomparable, so where the protocol fixes
+    none (e.g. v1 on video data) the cell does not exist."""
+    needs = build_attack(attack_name, eps=protocol.eps, step=protocol.step, iterations=protocol.iterations).needs
+    if "surrogate" in needs and not protocol.has_surrogate(dataset_name):
+        return f"protocol {protocol.version} fixes no transfer surrogate for dataset '{dataset_name}'"
+    return None
 
 
 def check_attack_names(attacks: list[str], eps_values: list[float], protocol: Protocol) -> None:

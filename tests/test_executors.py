@@ -163,3 +163,21 @@ def test_ray_and_local_runs_write_identical_results(local_ray, tiny_zoo_file, tm
     before = {p: p.stat().st_mtime_ns for p in ray_paths}
     assert RayExecutor().run(spec, *grid) == ray_paths
     assert {p: p.stat().st_mtime_ns for p in ray_paths} == before
+
+
+def test_cells_the_protocol_does_not_define_are_neither_planned_nor_submitted(tiny_zoo_file, tmp_path, monkeypatch):
+    """Protocol v1 fixes no transfer surrogate for video data: a video entry needs no surrogate
+    and its transfer cells are skipped, while its other cells run."""
+    video = {**yaml.safe_load(tiny_zoo_file.read_text())[0], "id": "tiny-video",
+             "dataset": {"name": "synthetic-vi", "preset": "tiny"}, "model": {"input_size": [32, 16], "video": {}}}
+    zoo_file = tmp_path / "zoo.yaml"
+    zoo_file.write_text(yaml.safe_dump([video], sort_keys=False))
+    protocol = load_protocol()
+    assert not protocol.has_surrogate("synthetic-vi")
+    assert models_needed(load_zoo(zoo_file), ["tiny-video"], ["m-fgsm", "transfer"], protocol) == {
+        "tiny-video": ["tiny-video"]}
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    spec = RunSpec(zoo=str(zoo_file), results=str(tmp_path), device="cpu")
+    paths = RayExecutor().run(spec, ["tiny-video"], ["m-fgsm", "transfer", "dmr"])
+    assert [p.name for p in paths] == ["tiny-video-m-fgsm.json"]

@@ -15,6 +15,7 @@ from reidbench.data import ReIDSplit
 from reidbench.defense import build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.models import build_model, check_model_fits
+from reidbench.runner import Runner
 from reidbench.train import Recipe, train_model
 from reidbench.train.augment import random_erasing, random_pad_crop
 from reidbench.train.loop import relabel
@@ -218,7 +219,7 @@ def test_a_direction_entry_borrows_the_weights_trained_for_the_other(tmp_path):
         load_zoo(path)
 
 
-def test_the_runner_scores_and_records_a_video_cell(tmp_path):
+def test_the_runner_scores_and_records_a_video_cell(tmp_path, capsys):
     """A white-box cell on a video entry, written with its example query (first frames)."""
     import json
 
@@ -237,3 +238,12 @@ def test_the_runner_scores_and_records_a_video_cell(tmp_path):
     assert main(argv) == 0
     record = json.loads((results / "v1/synthetic-vi/tiny-vi/m-fgsm-eps5.json").read_text())
     assert record["attacked"]["rank1"] is not None and set(record["example"]["thumbnails"]) >= {"query", "query_attacked"}
+
+    # Protocol v1 fixes no video surrogate: the grid skips the transfer cells (saying so), a
+    # named transfer attack is a one-line error before any work.
+    runner = Runner(load_zoo(zoo), results_root=results, device="cpu", rerank=False, progress=False)
+    assert runner.run([runner.zoo["tiny-vi"]], ["m-fgsm", "transfer", "dmr"]) == [
+        results / "v1/synthetic-vi/tiny-vi/m-fgsm-eps5.json"]
+    assert main(argv[:4] + ["transfer"] + argv[5:]) == 2
+    assert "cannot run 'transfer' on model 'tiny-vi': protocol v1 fixes no transfer surrogate for dataset " \
+           "'synthetic-vi'" in capsys.readouterr().err
