@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from reidbench.data.split import resize_uint8
 from reidbench.defense import build_defense
 from reidbench.errors import ReIDBenchError
+from reidbench.progress import log
 from reidbench.runner import Runner
 from reidbench.zoo import get_entry, load_zoo
 
@@ -41,8 +42,9 @@ def agreement(feats: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
     return (feats @ centroids.T).argmax(1).eq(labels).float().mean().item() if len(feats) else float("nan")
 
 
-def main(ddid_id: str, judge_id: str, guidance: list[float], identities: int, per_identity: int, seed: int) -> None:
-    zoo = load_zoo()
+def main(ddid_id: str, judge_id: str, guidance: list[float], identities: int, per_identity: int, seed: int,
+         zoo_file: str | None = None) -> None:
+    zoo = load_zoo(zoo_file)
     ddid_entry, judge_entry = get_entry(zoo, ddid_id), get_entry(zoo, judge_id)
     defense = build_defense(ddid_entry.defense)
     if not hasattr(defense, "ddpm_for"):
@@ -51,6 +53,7 @@ def main(ddid_id: str, judge_id: str, guidance: list[float], identities: int, pe
         raise ReIDBenchError(f"the judge '{judge_id}' is trained on '{judge_entry.dataset_name}', "
                              f"not on '{ddid_entry.dataset_name}'")
     runner = Runner(zoo, progress=True, device="cpu", train_missing=False)
+    log(f"{ddid_id}: DDPM of {defense.params['ddpm_steps']} steps (trained now if not cached)")
     judge = runner.bundle(judge_entry)
     model, split = judge.model.eval(), runner.split_for(ddid_entry.dataset)
     size, ddpm_size = tuple(judge.split.image_size), tuple(defense.params["ddpm_size"])
@@ -103,8 +106,9 @@ if __name__ == "__main__":
     parser.add_argument("--identities", type=int, default=120)
     parser.add_argument("--per-identity", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zoo", help="model zoo file (default: the repository's model_zoo.yaml)")
     args = parser.parse_args()
     try:
-        main(args.ddid, args.judge, args.guidance, args.identities, args.per_identity, args.seed)
+        main(args.ddid, args.judge, args.guidance, args.identities, args.per_identity, args.seed, args.zoo)
     except ReIDBenchError as error:
         raise SystemExit(f"ddid_generation: error: {error}")

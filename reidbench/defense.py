@@ -36,6 +36,10 @@ class Defense:
     #: parameters whose value may name another zoo entry (e.g. APD's ``feature_net``): the zoo
     #: pins that entry's recipe key into this one's, so retraining it retrains this
     zoo_references: tuple[str, ...] = ()
+    #: bump when a default that shapes training changes (tests/training_defaults.json keeps
+    #: the last ones): from 2 on it is part of a zoo entry's recipe key, so weights trained
+    #: under the old default are retrained, not reused
+    training_version: int = 1
     #: the zoo of the entry being trained, set by ``reidbench.zoo.train_entry`` before
     #: ``prepare_train`` (None outside it), for a defense that names other entries (APD's
     #: frozen feature network)

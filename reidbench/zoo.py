@@ -86,12 +86,22 @@ class ZooEntry:
 
     def recipe_key(self) -> str:
         """Fingerprint of everything that decides the trained weights."""
+        version = _training_version(self.defense.get("name"))
         blob = json.dumps(
             {"backbone": self.backbone, "dataset": self.dataset, "defense": self.defense,
              "model": self.model, "recipe": self.recipe, **({"init": self.init} if self.init else {}),
-             **({"references": self.references} if self.references else {})},
+             **({"references": self.references} if self.references else {}),
+             **({"defense_version": version} if version != 1 else {})},
             sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _training_version(name: Optional[str]) -> int:
+    """The registered defense's ``training_version`` (1 for an unknown name: the entry's own
+    check reports it)."""
+    from .registry import DEFENSES
+
+    return getattr(DEFENSES.get(name), "training_version", 1) if name in DEFENSES else 1
 
 
 def _type_names(types: tuple[type, ...]) -> str:
