@@ -8,7 +8,7 @@ when the nearest identity centroid is its own label. Rows:
 
 * real training images degraded to the DDPM's resolution (leave-one-out centroids): the
   ceiling at that resolution;
-* the generated set DDID trains on (cached; generated first when missing);
+* the generated set DDID trains on (cached; generated first when missing; `--no-set` skips it);
 * fresh samples of ``--identities`` random identities × ``--per-identity`` at each
   ``--guidance`` scale (each with the camera of a real image of its identity).
 
@@ -43,7 +43,7 @@ def agreement(feats: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
 
 
 def main(ddid_id: str, judge_id: str, guidance: list[float], identities: int, per_identity: int, seed: int,
-         zoo_file: str | None = None) -> None:
+         zoo_file: str | None = None, with_set: bool = True) -> None:
     zoo = load_zoo(zoo_file)
     ddid_entry, judge_entry = get_entry(zoo, ddid_id), get_entry(zoo, judge_id)
     defense = build_defense(ddid_entry.defense)
@@ -73,10 +73,11 @@ def main(ddid_id: str, judge_id: str, guidance: list[float], identities: int, pe
     rows = [(f"real training images at {ddpm_size[0]}x{ddpm_size[1]} (leave-one-out)", int(several.sum()),
              scores.argmax(1).eq(labels)[several].float().mean().item())]
 
-    generated = defense.generated_set(split)
-    rows.append((f"DDID's generated set (guidance {defense.params['guidance']})", len(generated),
-                 agreement(_embed(model, generated.load_uint8(None, size)),
-                           torch.searchsorted(ids, generated.pids), centroids)))
+    if with_set:
+        generated = defense.generated_set(split)
+        rows.append((f"DDID's generated set (guidance {defense.params['guidance']})", len(generated),
+                     agreement(_embed(model, generated.load_uint8(None, size)),
+                               torch.searchsorted(ids, generated.pids), centroids)))
 
     ddpm = defense.ddpm_for(split)
     generator = torch.Generator().manual_seed(seed)
@@ -107,8 +108,10 @@ if __name__ == "__main__":
     parser.add_argument("--per-identity", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--zoo", help="model zoo file (default: the repository's model_zoo.yaml)")
+    parser.add_argument("--no-set", action="store_true",
+                        help="leave out DDID's generated set (generated first when not cached)")
     args = parser.parse_args()
     try:
-        main(args.ddid, args.judge, args.guidance, args.identities, args.per_identity, args.seed, args.zoo)
+        main(args.ddid, args.judge, args.guidance, args.identities, args.per_identity, args.seed, args.zoo, not args.no_set)
     except ReIDBenchError as error:
         raise SystemExit(f"ddid_generation: error: {error}")
