@@ -84,7 +84,7 @@ def main(ddid_id: str, judge_id: str, guidance: list[float], identities: int, pe
     chosen = torch.randperm(len(ids), generator=generator)[:identities].repeat_interleave(per_identity)
     cameras = None
     if defense.uses_cameras(split):
-        camera_ids, camera_labels = torch.unique(train.camids, return_inverse=True)
+        _, camera_labels = torch.unique(train.camids, return_inverse=True)
         cameras = torch.stack([camera_labels[labels == c][0] for c in chosen])
     for scale in guidance:
         images = ddpm.sample(chosen, cameras, ddpm_size, defense.params["sample_steps"], defense.params["sample_eta"],

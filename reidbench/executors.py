@@ -155,7 +155,7 @@ class RayExecutor:
     def run(self, spec: RunSpec, entry_ids: list[str], attacks: list[str], eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
         from .protocol import load_protocol
-        from .runner import attack_id, check_attack_names, undefined_cell
+        from .runner import attack_id, check_attack_names, protocol_grid
         from .zoo import load_zoo
 
         ray = _import_ray()
@@ -183,15 +183,10 @@ class RayExecutor:
             models = dict.fromkeys(m for entry_models in needed.values() for m in entry_models)
             trained = {m: prepare.remote(worker_spec, m) for m in models}
             tasks = {}
-            for entry_id in entry_ids:
-                for name in attacks:
-                    reason = undefined_cell(protocol, name, spec.dataset or zoo[entry_id].dataset_name)
-                    if reason:
-                        log(f"[yellow]–[/] {entry_id} × {name}: not run ({reason})")
-                        continue
-                    for eps in eps_values:
-                        ref = cell.remote(worker_spec, entry_id, name, eps, *(trained[m] for m in needed[entry_id]))
-                        tasks[ref] = (entry_id, attack_id(name, eps))
+            for entry, name, eps in protocol_grid(protocol, [zoo[i] for i in entry_ids], attacks, eps_values,
+                                                  spec.dataset):
+                ref = cell.remote(worker_spec, entry.id, name, eps, *(trained[m] for m in needed[entry.id]))
+                tasks[ref] = (entry.id, attack_id(name, eps))
             return self._collect(ray, tasks)
         finally:
             if started_here:

@@ -72,11 +72,16 @@ class Protocol:
     def zero_gradient_flag(self) -> float:
         return float(self.raw.get("sanity", {}).get("zero_gradient_share", 0.5))
 
+    @property
+    def surrogates(self) -> dict[str, str]:
+        """The fixed transfer surrogate (zoo id) of each dataset."""
+        return dict(self.raw.get("transfer", {}).get("surrogates", {}))
+
     def has_surrogate(self, dataset: str) -> bool:
-        return dataset in self.raw.get("transfer", {}).get("surrogates", {})
+        return dataset in self.surrogates
 
     def surrogate(self, dataset: str) -> str:
-        surrogates = self.raw.get("transfer", {}).get("surrogates", {})
+        surrogates = self.surrogates
         if dataset not in surrogates:
             raise ReIDBenchError(
                 f"protocol {self.version} fixes no transfer surrogate for dataset '{dataset}' "

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -338,18 +338,28 @@ class Runner:
         eps_values = eps_values or [self.protocol.eps]
         check_attack_names(attacks, eps_values, self.protocol)
         paths = []
-        for entry in entries:
-            for name in attacks:
-                reason = undefined_cell(self.protocol, name, (dataset or entry.dataset)["name"])
-                if reason:
-                    log(f"[yellow]–[/] {entry.id} × {name}: not run ({reason})")
-                    continue
-                for eps in eps_values:
-                    path = self.run_cell(entry, name, eps, dataset)
-                    if path is not None:
-                        paths.append(path)
-                        log(f"[green]✓[/] {entry.id} × {attack_id(name, eps)}")
+        for entry, name, eps in protocol_grid(self.protocol, entries, attacks, eps_values,
+                                              dataset["name"] if dataset else None):
+            path = self.run_cell(entry, name, eps, dataset)
+            if path is not None:
+                paths.append(path)
+                log(f"[green]✓[/] {entry.id} × {attack_id(name, eps)}")
         return paths
+
+
+def protocol_grid(protocol: Protocol, entries: list[ZooEntry], attacks: list[str], eps_values: list[float],
+                  test_dataset: Optional[str] = None) -> Iterator[tuple[ZooEntry, str, float]]:
+    """The (entry, attack, ε) cells of a run, in grid order, each on ``test_dataset`` or the
+    entry's own; a cell the protocol does not define (:func:`undefined_cell`) is left out, and
+    the log says why. Both executors walk the grid through here."""
+    for entry in entries:
+        for name in attacks:
+            reason = undefined_cell(protocol, name, test_dataset or entry.dataset_name)
+            if reason:
+                log(f"[yellow]–[/] {entry.id} × {name}: not run ({reason})")
+                continue
+            for eps in eps_values:
+                yield entry, name, eps
 
 
 def undefined_cell(protocol: Protocol, attack_name: str, dataset_name: str) -> Optional[str]:
