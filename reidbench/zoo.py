@@ -145,6 +145,10 @@ def _check_entry(raw: Any, position: int, source: Path) -> ZooEntry:
         raise ReIDBenchError(f"{where}: field 'init' takes exactly one string field, 'from' (a zoo entry id)")
     if "onnx" in weights and {"path", "repo", "from"} & set(weights):
         raise ReIDBenchError(f"{where}: 'weights.onnx' names the model file itself; drop weights.path/repo/from")
+    if isinstance(raw.get("model", {}).get("pretrained"), dict):
+        from .models.pretrained import check_spec
+
+        check_spec(raw["model"]["pretrained"], where)
     suite = raw.get("suite", ["default"])
     if not all(isinstance(s, str) for s in suite):
         raise ReIDBenchError(f"{where}: field 'suite' must be a list of strings")
@@ -206,7 +210,8 @@ def _pin_references(entry: ZooEntry, entries: dict[str, ZooEntry]) -> None:
     if name not in DEFENSES:
         return
     for param in getattr(DEFENSES.get(name), "zoo_references", ()):
-        other = entries.get(entry.defense.get(param))
+        value = entry.defense.get(param)
+        other = entries.get(value) if isinstance(value, str) else None  # a mapping (a pinned file) names no entry
         if other is not None and other.id != entry.id:
             entry.references[param] = {"from": other.id, "recipe_key": training_entry(other, entries).recipe_key()}
 
@@ -405,6 +410,8 @@ def train_entry(entry: ZooEntry, split=None, device: str = "cpu", progress: bool
     torch.manual_seed(recipe.seed)
     model = build_model(entry.model_spec(), num_classes=split.num_train_ids)
     check_model_fits(model, split, f"model '{entry.id}'")
+    if not entry.init and hasattr(model, "load_pretrained"):
+        model.load_pretrained()  # a pinned ImageNet file, checked by sha256; no-op without one
     if entry.init:
         if zoo is None or entry.init["from"] not in zoo:
             raise ReIDBenchError(f"entry '{entry.id}' starts from '{entry.init['from']}', which is not in the zoo")

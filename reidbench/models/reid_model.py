@@ -34,7 +34,7 @@ class GeneralizedMeanPooling(nn.Module):
         return F.adaptive_avg_pool2d(x.clamp(min=self.eps).pow(self.p), 1).pow(1.0 / self.p).flatten(1)
 
 
-def _create_backbone(name: str, pretrained: bool | str, global_pool: str, backbone_args: Optional[dict] = None) -> nn.Module:
+def _create_backbone(name: str, pretrained: bool | str | dict, global_pool: str, backbone_args: Optional[dict] = None) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
@@ -42,7 +42,9 @@ def _create_backbone(name: str, pretrained: bool | str, global_pool: str, backbo
 
         raise unknown_name("backbone", name, timm.list_models())
     kwargs = dict(num_classes=0, global_pool=global_pool, **(backbone_args or {}))
-    if isinstance(pretrained, (str, Path)) and str(pretrained) not in ("True", "False"):
+    if isinstance(pretrained, dict):  # a pinned file: loaded by ReIDModel.load_pretrained when training starts
+        pretrained = False
+    elif isinstance(pretrained, (str, Path)) and str(pretrained) not in ("True", "False"):
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise ReIDBenchError(f"pretrained weights file not found: {path}")
@@ -71,6 +73,14 @@ def _set_last_stride_one(backbone: nn.Module) -> bool:
         return False
     last = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]
     stage = backbone.get_submodule(last)
+    if not any(_downsamples(m) for m in stage.modules()):
+        # MobileNet-style stages: the last reported stage keeps its size and the stride-2
+        # block sits before it (mobilenetv2_100: blocks.5 downsamples, blocks.6 is reported).
+        # Take the top-level block that holds the network's last stride-2 convolution.
+        names = [name for name, m in backbone.named_modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+        if not names:
+            return False
+        stage = backbone.get_submodule(".".join(names[-1].split(".")[:2]))
     changed = False
     for module in stage.modules():
         if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
@@ -81,6 +91,11 @@ def _set_last_stride_one(backbone: nn.Module) -> bool:
             module.stride, module.kernel_size, module.padding = 1, 1, 0
             changed = True
     return changed
+
+
+def _downsamples(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv2d) and module.stride == (2, 2)) or (
+        isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)) and module.stride in (2, (2, 2)))
 
 
 class ReIDModel(nn.Module):
@@ -94,7 +109,7 @@ class ReIDModel(nn.Module):
         self,
         backbone: str = "resnet50",
         num_classes: int = 0,
-        pretrained: bool | str = False,
+        pretrained: bool | str | dict = False,
         last_stride: int = 1,
         pooling: str = "avg",
         neck: str = "bnneck",
@@ -117,6 +132,8 @@ class ReIDModel(nn.Module):
             backbone_args=dict(backbone_args or {}),
         )
         self.input_size = tuple(int(s) for s in input_size)
+        #: a pinned ImageNet file ({file, sha256, layout}); see :meth:`load_pretrained`
+        self.pretrained_file = pretrained if isinstance(pretrained, dict) else None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         # Pooling other than avg needs the spatial map, which timm returns with global_pool="".
@@ -133,6 +150,15 @@ class ReIDModel(nn.Module):
         self.classifier = nn.Linear(self.feat_dim, num_classes, bias=False) if num_classes > 0 else None
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def load_pretrained(self, extra_roots: tuple = ()) -> Optional[Path]:
+        """Initialise the backbone from the pinned file the model was built with (training
+        from scratch calls this; trained weights make it unnecessary). None without one."""
+        if self.pretrained_file is None:
+            return None
+        from .pretrained import load_pretrained
+
+        return load_pretrained(self.backbone, self.config["backbone"], self.pretrained_file, extra_roots)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] to the backbone's mean/std input space."""
