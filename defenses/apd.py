@@ -39,7 +39,10 @@ split hash, the feature network's weights and every parameter that decides them)
   one-line error). [ours] Or the id of a zoo entry whose trained weights are loaded frozen
   (trained first if missing, like ``init.from``); the CPU entries name their dataset's
   undefended baseline, since nothing can be downloaded there. Its images are resized to the
-  entry's input size.
+  entry's input size. [ours] Or ``{backbone, pretrained}``: an ImageNet network read from a
+  local file pinned by sha256 (:mod:`reidbench.models.pretrained`), the paper's ψ and φ where
+  only another architecture's ImageNet weights are at hand (the Market entries: MobileNetV2,
+  whose five timm stages take ``metric_stage`` 4 and ``content_stage`` 2 as ResNet's do).
 * [ours] G, the paper's layers not being available: a CycleGAN-style image-to-image
   network (Zhu et al., ICCV 2017) at ``gen_width`` channels, two stride-2 convolutions to a
   latent map at 1/4 resolution, ``gen_blocks`` residual blocks there (where the metric
@@ -333,20 +336,30 @@ class SemanticPurificationModel(ReIDModel):
 
     def __init__(self, *args, split_stage: int = 0, msp_maps: str = "element", **kwargs):
         super().__init__(*args, **kwargs)
+        from timm.models.efficientnet import EfficientNet
         from timm.models.resnet import ResNet
 
-        if not isinstance(self.backbone, ResNet):
-            raise ReIDBenchError(f"model head 'apd-split' splits a timm ResNet after its stem or a stage; "
-                                 f"backbone '{self.config['backbone']}' is not one")
+        if not isinstance(self.backbone, (ResNet, EfficientNet)):
+            raise ReIDBenchError(f"model head 'apd-split' splits a timm ResNet or EfficientNet-family network "
+                                 f"(MobileNetV2) after its stem or a stage; backbone '{self.config['backbone']}' is neither")
         if split_stage not in (0, 1, 2, 3):
             raise ReIDBenchError(f"model head 'apd-split': split_stage must be 0 (the stem) or 1-3, got {split_stage!r}")
         if msp_maps not in MSP_MAPS:
             raise ReIDBenchError(f"model head 'apd-split': msp_maps must be one of {MSP_MAPS}, got {msp_maps!r}")
         self.config.update(head="apd-split", split_stage=int(split_stage), msp_maps=msp_maps)
         # Names, not a new container: the backbone's weights keep their keys.
-        stages = ["layer1", "layer2", "layer3", "layer4"]
-        self._front = ["conv1", "bn1", "act1", "maxpool"] + stages[:split_stage]
-        self._rest = stages[split_stage:]
+        if isinstance(self.backbone, ResNet):
+            stages = ["layer1", "layer2", "layer3", "layer4"]
+            self._front = ["conv1", "bn1", "act1", "maxpool"] + stages[:split_stage]
+            self._rest = stages[split_stage:]
+        else:
+            # [ours] An EfficientNet-family trunk has no stem stage in feature_info: index i ends
+            # at the block group that feature names (MobileNetV2: 0 blocks.0, 1 blocks.1, 2 blocks.2,
+            # 3 blocks.4), so the split follows that group; the 1x1 head conv stays in the rest.
+            last = int(self.backbone.feature_info[split_stage]["module"].split(".")[1])
+            blocks = [f"blocks.{i}" for i in range(len(self.backbone.blocks))]
+            self._front = ["conv_stem", "bn1"] + blocks[:last + 1]
+            self._rest = blocks[last + 1:] + ["conv_head", "bn2"]
         # timm's feature_info: index 0 is the stem (its max-pool keeps the channels), i stage i.
         self.msp = MultiScalePerception(int(self.backbone.feature_info[split_stage]["num_chs"]), msp_maps)
 
@@ -354,7 +367,7 @@ class SemanticPurificationModel(ReIDModel):
         """E(x): the map the split acts on, for images in [0, 1]."""
         x = self.normalize(x)
         for name in self._front:
-            x = getattr(self.backbone, name)(x)
+            x = self.backbone.get_submodule(name)(x)
         return x
 
     def split(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -365,7 +378,7 @@ class SemanticPurificationModel(ReIDModel):
     def branch_features(self, fmap: torch.Tensor) -> torch.Tensor:
         """The shared rest of the network on a part: its pooled pre-neck feature."""
         for name in self._rest:
-            fmap = getattr(self.backbone, name)(fmap)
+            fmap = self.backbone.get_submodule(name)(fmap)
         return self.backbone.forward_head(fmap) if self.pool is None else self.pool(fmap).flatten(1)
 
     def branch(self, fmap: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
@@ -433,8 +446,16 @@ class APD(Defense):
                  mp_weight: float = 2.0, idem_weight: float = 1.0, content_weight: float = 1.0,
                  include_real: bool = True, k_weight: float = 1.0, nk_weight: float = 0.5,
                  k_star_weight: float = 0.1, nk_negative: str = "hardest", seed: int = 0):
-        if not isinstance(feature_net, str) or not feature_net:
-            raise ReIDBenchError(f"defense 'apd': feature_net must be '{IMAGENET}' or a zoo entry id, got {feature_net!r}")
+        if isinstance(feature_net, dict):
+            from reidbench.models.pretrained import check_spec
+
+            if set(feature_net) != {"backbone", "pretrained"} or not isinstance(feature_net["backbone"], str):
+                raise ReIDBenchError("defense 'apd': a feature_net mapping needs exactly backbone and pretrained "
+                                     f"(a pinned ImageNet file), got {sorted(feature_net)}")
+            check_spec(feature_net["pretrained"], "defense 'apd': feature_net")
+        elif not isinstance(feature_net, str) or not feature_net:
+            raise ReIDBenchError(f"defense 'apd': feature_net must be '{IMAGENET}', a zoo entry id or "
+                                 f"{{backbone, pretrained}}, got {feature_net!r}")
         counts = dict(negatives=negatives, gen_width=gen_width, gen_blocks=gen_blocks, disc_width=disc_width,
                       mpg_steps=mpg_steps, mpg_batch=mpg_batch)
         small = sorted(k for k, v in counts.items() if not (isinstance(v, int) and v >= (0 if k == "gen_blocks" else 1)))
@@ -472,6 +493,8 @@ class APD(Defense):
         name = self.params["feature_net"]
         if name == IMAGENET:
             return {"feature_net": "timm resnet50, ImageNet weights"}, None
+        if isinstance(name, dict):  # ImageNet weights from a pinned file: the sha256 decides ψ and φ
+            return {"feature_net": name["backbone"], "sha256": name["pretrained"]["sha256"]}, ("pretrained", name)
         from reidbench.errors import unknown_name
         from reidbench.zoo import obtain_weights, sha256_file, training_entry
 
@@ -497,6 +520,11 @@ class APD(Defense):
                     f"defense 'apd': feature_net '{IMAGENET}' needs timm's ImageNet resnet50 weights, which cannot be "
                     f"loaded here ({reason}); name a trained zoo entry instead, e.g. feature_net: resnet18-synthetic-none"
                 ) from None
+            return FrozenFeatures(model, p["metric_stage"], p["content_stage"], resize=False)
+        if source[0] == "pretrained":
+            spec = source[1]
+            model = ReIDModel(spec["backbone"], pretrained=spec["pretrained"], last_stride=2)
+            model.load_pretrained()
             return FrozenFeatures(model, p["metric_stage"], p["content_stage"], resize=False)
         from reidbench.models import build_model
         from reidbench.zoo import load_weights, training_entry
