@@ -108,7 +108,7 @@ class ReIDSubset:
             index = torch.arange(len(self))
         index = torch.as_tensor(index, dtype=torch.long)
         if self.images is not None:
-            batch = self.images[index]
+            batch = self.images[index.to(self.images.device)]  # training may hold the images on a GPU
             return resize_uint8(batch, size) if size else batch
         decoded = [read_image(self.paths[int(i)]) for i in index]
         target = size or tuple(decoded[0].shape[-2:])

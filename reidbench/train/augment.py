@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 
 def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
     out = images.clone()
     out[flip] = images[flip].flip(-1)
     return out
