@@ -37,7 +37,7 @@ def _record(model="m-none", attack="m-ifgsm", threat="white-box", eps255=5, pert
             defense="none", **extra) -> dict:
     record = {
         "schema": 1, "input_key": "k", "attack_id": f"{attack}-eps{eps255}", "threat_model": threat, "perturbed": perturbed,
-        "protocol": {"version": "v1", "fingerprint": "f"},
+        "protocol": {"version": "v2", "fingerprint": "f"},
         "model": {"id": model, "backbone": "resnet18", "defense": {"name": defense}, "weights_sha256": "ab" * 32,
                   "recipe": {"epochs": 30}, "model": {"input_size": [64, 32]}, "train_dataset": {"name": "synthetic"}},
         "dataset": {"name": "synthetic", "split_hash": "s1", "num_query": NUM_QUERY},
@@ -55,7 +55,7 @@ def _record(model="m-none", attack="m-ifgsm", threat="white-box", eps255=5, pert
 
 
 def _write(root: Path, record: dict, seed: int = 0, per_query=True) -> Path:
-    path = cell_path(root, "v1", record["dataset"]["name"], record["model"]["id"], record["attack_id"])
+    path = cell_path(root, "v2", record["dataset"]["name"], record["model"]["id"], record["attack_id"])
     write_cell(path, record, _outcomes(seed) if per_query else None)
     return path
 
@@ -94,7 +94,7 @@ def test_render_is_a_pure_function_of_the_results(results, tmp_path):
     assert {"index.html", "cells.csv", "cells.json", "assets/site.js", "assets/site.css",
             "models/m-none.html", "models/m-at.html"} <= set(first)
     # Re-rendering into the same folder after a model is gone removes its page.
-    for path in (results / "v1/synthetic/m-at").iterdir():
+    for path in (results / "v2/synthetic/m-at").iterdir():
         path.unlink()
     render_site(results, tmp_path / "a")
     assert not (tmp_path / "a/models/m-at.html").exists()
@@ -153,7 +153,7 @@ def test_html_in_model_id_and_footnote_renders_as_text_and_file_names_are_safe(t
                                            "footnote": "<img src=x onerror=alert(2)>",
                                            "clean": {"rank1": 0.95, "mAP": 0.9}, "attacked": {"rank1": 0.5, "mAP": 0.4}})
     root = tmp_path / "results"
-    folder = root / "v1/synthetic/evil"
+    folder = root / "v2/synthetic/evil"
     folder.mkdir(parents=True)
     write_cell(folder / "m-ifgsm-eps5.json", record, _outcomes(0))
     site = tmp_path / "site"
@@ -188,7 +188,7 @@ def test_reported_numbers_have_their_own_columns_and_never_enter_a_worst_case(re
 
 def test_malformed_results_are_reported_once_each_and_skipped(results, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("REIDBENCH_QUIET", "0")
-    folder = results / "v1/synthetic/m-none"
+    folder = results / "v2/synthetic/m-none"
     (folder / "broken.json").write_text("{not json")
     _write(results, _record(model="bad-number", attacked={"rank1": "high", "mAP": 0.1}))
     _write(results, _record(model="bad-claim", reported={"source": "x", "attacked": {"mAP": 1.5}}))
@@ -217,9 +217,9 @@ def test_model_page_has_every_cell_a_robustness_plot_an_example_and_provenance(r
     assert row["attacked_reranked.mAP"] == pytest.approx(0.25) and row["clean.mAP"] == pytest.approx(0.8)
     assert 'href="m-none.csv"' in page and 'href="m-none.json"' in page
     # a thumbnail that is not base64 never reaches the page
-    record = json.loads((results / "v1/synthetic/m-none/m-ifgsm-eps5.json").read_text())
+    record = json.loads((results / "v2/synthetic/m-none/m-ifgsm-eps5.json").read_text())
     record["example"]["thumbnails"]["query"] = '" onerror="alert(1)'
-    (results / "v1/synthetic/m-none/m-ifgsm-eps5.json").write_text(json.dumps(record))
+    (results / "v2/synthetic/m-none/m-ifgsm-eps5.json").write_text(json.dumps(record))
     render_site(results, tmp_path / "site")
     assert "onerror" not in (tmp_path / "site/models/m-none.html").read_text()
 
@@ -234,7 +234,7 @@ def test_runner_records_a_compact_example(tiny_zoo_file, tiny_model, tmp_path):
 
     zoo = load_zoo(tiny_zoo_file)
     raw = load_protocol().raw  # two iterations are enough to check what is recorded
-    protocol = Protocol("v1", {**raw, "perturbation": {**raw["perturbation"], "iterations": 2}})
+    protocol = Protocol("v2", {**raw, "perturbation": {**raw["perturbation"], "iterations": 2}})
     runner = Runner(zoo, results_root=tmp_path / "results", protocol=protocol, device="cpu", train_missing=False,
                     rerank=False, progress=False)
     paths = runner.run([zoo["tiny-none"]], ["m-fgsm", "m-ifgsm-gallery"])
