@@ -44,9 +44,9 @@ def cmd_run(args) -> int:
         raise ReIDBenchError("say what to run: --all, or --model ID [--attack NAME]")
     for name in args.attack or []:
         ATTACKS.get(name)
+    protocol = load_protocol(args.protocol) if args.protocol else load_protocol()
     zoo = _zoo(args)
     entries = _entries(args, zoo)
-    protocol = load_protocol()
     attacks = args.attack or protocol.attacks()
     eps_values = [e / 255.0 for e in args.eps] if args.eps else None
     if eps_values and any(not (0 < e <= 1) for e in eps_values):
@@ -187,8 +187,10 @@ def cmd_zoo_push(args) -> int:
 def cmd_render(args) -> int:
     from .leaderboard import render_site
     from .progress import log
+    from .protocol import load_protocol
 
-    log(f"leaderboard: {render_site(Path(args.results), Path(args.site) if args.site else None)}")
+    version = load_protocol(args.protocol).version if args.protocol else load_protocol().version
+    log(f"leaderboard: {render_site(Path(args.results), Path(args.site) if args.site else None, version)}")
     return 0
 
 
@@ -236,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eps", nargs="+", type=float, help="budget(s) in 1/255 units (default: the protocol's primary ε)")
     run.add_argument("--dataset", default=None, help="evaluate on this dataset instead of each model's own (cross-dataset)")
     run.add_argument("--site", default=None, help="where to render the leaderboard (default: leaderboard/site)")
+    run.add_argument("--protocol", default=None, metavar="VERSION",
+                     help="protocol version to run under (default: the current one; other versions render apart)")
     run.add_argument("--executor", choices=EXECUTORS, default="local",
                      help="local: every cell in this process (default); ray: cells as Ray tasks (pip install 'reidbench[ray]')")
     run.add_argument("--address", default=None,
@@ -286,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="render the leaderboard from the result store")
     render.add_argument("--results", default="results")
     render.add_argument("--site", default=None)
+    render.add_argument("--protocol", default=None, metavar="VERSION",
+                        help="the version whose cells make the site (default: the current one; others render apart)")
     render.set_defaults(func=cmd_render)
 
     from .validate import DEFAULT_TOLERANCE, SUBSET_SIZE, VALIDATION_ATTACK
