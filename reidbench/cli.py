@@ -111,6 +111,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from rich.table import Table
 
+    from .leaderboard import with_interval
     from .progress import console
     from .runner import rank_metrics
     from .metrics import k_reciprocal_rerank, pairwise_distance
@@ -133,8 +134,10 @@ def cmd_eval(args) -> int:
     for column in ("distance", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"):
         table.add_column(column, justify="right")
     for label, m in rows:
-        table.add_row(label, *(f"{100 * m[k]:.1f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")))
+        ci = m.get("ci95") or {}
+        table.add_row(label, *(with_interval(m[k], ci.get(k)) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")))
     console.print(table)
+    console.print("a ± b: half the width of the 95% interval (bootstrap over test identities)")
     return 0
 
 

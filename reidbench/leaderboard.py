@@ -496,6 +496,17 @@ def percent(value) -> str:
     return "–" if _missing(value) else f"{100 * float(value):.1f}"
 
 
+def with_interval(value, interval=None, scale: float = 100.0) -> str:
+    """``61.9 ± 4.1`` (a fraction in percent, and half its interval's width; one decimal);
+    the number alone without an interval, – when missing."""
+    if _missing(value):
+        return "–"
+    lo, hi = (None, None) if interval is None else interval
+    if _missing(lo) or _missing(hi):
+        return f"{scale * float(value):.1f}"
+    return f"{scale * float(value):.1f} ± {scale * (float(hi) - float(lo)) / 2:.1f}"
+
+
 def _missing(value) -> bool:
     return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
 

@@ -193,12 +193,12 @@ class RecordingHfApi:
 
 
 def a_result_cell(results: Path, model_id: str) -> None:
-    record = {"attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "protocol": {"version": "v1"},
+    record = {"attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "protocol": {"version": "v2"},
               "model": {"id": model_id, "backbone": "resnet10t", "defense": {"name": "none"}},
               "dataset": {"name": "synthetic", "split_hash": "abc"}, "attack": {"name": "m-ifgsm"},
               "clean": {"rank1": 0.9, "mAP": 0.8}, "attacked": {"rank1": 0.125, "mAP": 0.05, "mINP": 0.01},
               "sanity_flags": []}
-    folder = results / "v1" / "synthetic" / model_id
+    folder = results / "v2" / "synthetic" / model_id
     folder.mkdir(parents=True)
     (folder / "m-ifgsm-eps5.json").write_text(json.dumps(record))
 
