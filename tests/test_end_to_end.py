@@ -22,6 +22,17 @@ def test_run_all_writes_cells_skips_unchanged_ones_and_renders(tiny_zoo_file, ti
     assert record["attacked"]["mAP"] < record["clean"]["mAP"]
     per_query = read_per_query(cells[0])
     assert per_query["clean_ap"].shape == per_query["attacked_ap"].shape == (record["dataset"]["num_query"],)
+    # Protocol v2: every Rank-1 / mAP / mINP with its interval, the per-query INP they come
+    # from, and re-ranked numbers under attack marked non-adaptive.
+    assert record["protocol"]["version"] == "v2"
+    for label in ("clean", "attacked", "clean_reranked", "attacked_reranked"):
+        for metric in ("rank1", "mAP", "mINP"):
+            lo, hi = record[label]["ci95"][metric]
+            assert lo <= record[label][metric] <= hi, (label, metric)
+        lo, hi = record[label]["per_identity"]["rank1_var_ci95"]
+        assert lo <= record[label]["per_identity"]["rank1_var"] <= hi
+    assert record["attacked_reranked"]["adaptive"] is False and "adaptive" not in record["clean_reranked"]
+    assert per_query["attacked_inp"].shape == per_query["attacked_ap"].shape
     html = (site / "index.html").read_text()
     assert "tiny-none" in html and "m-ifgsm-eps5" in html
 

@@ -18,6 +18,7 @@ the same split is resampled the same way (its interval and the worst case's agre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import numpy as np
@@ -28,12 +29,16 @@ DEFAULT_RESAMPLES = 1000
 DEFAULT_LEVEL = 0.95
 
 
+@lru_cache(maxsize=16)
 def _draw_counts(identities: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, identities) float64: how often each identity is drawn in each resample."""
+    """(resamples, identities) float64: how often each identity is drawn in each resample.
+    Cached (read-only): a leaderboard resamples every cell of a split the same way."""
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, identities, size=(resamples, identities))
     flat = (picks + identities * np.arange(resamples)[:, None]).ravel()
-    return np.bincount(flat, minlength=resamples * identities).reshape(resamples, identities).astype(np.float64)
+    counts = np.bincount(flat, minlength=resamples * identities).reshape(resamples, identities).astype(np.float64)
+    counts.flags.writeable = False
+    return counts
 
 
 @dataclass
