@@ -12,7 +12,8 @@ Script mode, printing the markdown table kept in ``benchmarks/results/metrics.md
 What is compared:
 
 * ``evaluate_rank`` against the straightforward NumPy per-query loop (stable argsort of
-  the row, drop junk / same-camera entries, CMC, AP and INP), on a Market-1501-sized
+  the row with its negatives first -- pessimistic ties --, drop junk / same-camera
+  entries, CMC, AP and INP), on a Market-1501-sized
   random problem (3,368 x 15,913 uniform distances, 751 ids with pid 0 as distractors,
   5% junk, 6 cameras), both in the same process on the same data.
 * ``k_reciprocal_rerank`` against a loop implementation with the data layout of the
@@ -91,14 +92,16 @@ def feature_problem(Q: int, G: int, ids: int, dim: int = 64, seed: int = 0):
 
 
 def numpy_loop_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):
-    """The straightforward evaluation: per query, a stable argsort of the whole row, then
+    """The straightforward evaluation: per query, a stable argsort of the whole row with its
+    negatives placed first (so that a positive tied with a negative ranks after it), then
     the protocol's filtering and the metrics on the filtered match vector."""
     distmat = np.asarray(distmat)
     q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
     q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
     all_cmc, all_ap, all_inp = [], [], []
     for q in range(distmat.shape[0]):
-        order = np.argsort(distmat[q], kind="stable")
+        negatives_first = np.argsort(g_pids == q_pids[q], kind="stable")
+        order = negatives_first[np.argsort(distmat[q][negatives_first], kind="stable")]
         pids, cams = g_pids[order], g_camids[order]
         keep = (pids != -1) & ~((pids == q_pids[q]) & (cams == q_camids[q]))
         matches = pids[keep] == q_pids[q]

@@ -44,9 +44,9 @@ def cmd_run(args) -> int:
         raise ReIDBenchError("say what to run: --all, or --model ID [--attack NAME]")
     for name in args.attack or []:
         ATTACKS.get(name)
+    protocol = load_protocol(args.protocol) if args.protocol else load_protocol()
     zoo = _zoo(args)
     entries = _entries(args, zoo)
-    protocol = load_protocol()
     attacks = args.attack or protocol.attacks()
     eps_values = [e / 255.0 for e in args.eps] if args.eps else None
     if eps_values and any(not (0 < e <= 1) for e in eps_values):
@@ -111,6 +111,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from rich.table import Table
 
+    from .leaderboard import with_interval
     from .progress import console
     from .runner import rank_metrics
     from .metrics import k_reciprocal_rerank, pairwise_distance
@@ -133,8 +134,10 @@ def cmd_eval(args) -> int:
     for column in ("distance", "Rank-1", "Rank-5", "Rank-10", "mAP", "mINP"):
         table.add_column(column, justify="right")
     for label, m in rows:
-        table.add_row(label, *(f"{100 * m[k]:.1f}" for k in ("rank1", "rank5", "rank10", "mAP", "mINP")))
+        ci = m.get("ci95") or {}
+        table.add_row(label, *(with_interval(m[k], ci.get(k)) for k in ("rank1", "rank5", "rank10", "mAP", "mINP")))
     console.print(table)
+    console.print("a ± b: half the width of the 95% interval (bootstrap over test identities)")
     return 0
 
 
@@ -187,8 +190,10 @@ def cmd_zoo_push(args) -> int:
 def cmd_render(args) -> int:
     from .leaderboard import render_site
     from .progress import log
+    from .protocol import load_protocol
 
-    log(f"leaderboard: {render_site(Path(args.results), Path(args.site) if args.site else None)}")
+    version = load_protocol(args.protocol).version if args.protocol else load_protocol().version
+    log(f"leaderboard: {render_site(Path(args.results), Path(args.site) if args.site else None, version)}")
     return 0
 
 
@@ -236,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eps", nargs="+", type=float, help="budget(s) in 1/255 units (default: the protocol's primary ε)")
     run.add_argument("--dataset", default=None, help="evaluate on this dataset instead of each model's own (cross-dataset)")
     run.add_argument("--site", default=None, help="where to render the leaderboard (default: leaderboard/site)")
+    run.add_argument("--protocol", default=None, metavar="VERSION",
+                     help="protocol version to run under (default: the current one; other versions render apart)")
     run.add_argument("--executor", choices=EXECUTORS, default="local",
                      help="local: every cell in this process (default); ray: cells as Ray tasks (pip install 'reidbench[ray]')")
     run.add_argument("--address", default=None,
@@ -286,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="render the leaderboard from the result store")
     render.add_argument("--results", default="results")
     render.add_argument("--site", default=None)
+    render.add_argument("--protocol", default=None, metavar="VERSION",
+                        help="the version whose cells make the site (default: the current one; others render apart)")
     render.set_defaults(func=cmd_render)
 
     from .validate import DEFAULT_TOLERANCE, SUBSET_SIZE, VALIDATION_ATTACK

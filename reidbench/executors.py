@@ -49,6 +49,7 @@ class RunSpec:
     progress: bool = True
     train_if_unreachable: bool = False
     dataset: Optional[str] = None  # cross-dataset: evaluate every entry on this dataset
+    protocol: Optional[str] = None  # protocol version; None: the current one
 
     @property
     def test_dataset(self) -> Optional[dict]:
@@ -61,13 +62,16 @@ class RunSpec:
         return cls(zoo=str(Path(args.zoo).resolve()) if args.zoo else None, results=str(Path(args.results).resolve()),
                    device=args.device, batch_size=args.batch_size, rerank=not args.no_rerank,
                    train_missing=not args.no_train, force=args.force,
-                   train_if_unreachable=getattr(args, "train_missing", False), dataset=getattr(args, "dataset", None))
+                   train_if_unreachable=getattr(args, "train_missing", False), dataset=getattr(args, "dataset", None),
+                   protocol=getattr(args, "protocol", None))
 
     def runner(self, zoo: Optional[dict] = None):
+        from .protocol import load_protocol
         from .runner import Runner
         from .zoo import load_zoo
 
         return Runner(zoo if zoo is not None else load_zoo(self.zoo), results_root=Path(self.results),
+                      protocol=load_protocol(self.protocol) if self.protocol else None,
                       device=self.device, train_missing=self.train_missing, batch_size=self.batch_size,
                       rerank=self.rerank, progress=self.progress, force=self.force,
                       train_if_unreachable=self.train_if_unreachable)
@@ -160,7 +164,7 @@ class RayExecutor:
 
         ray = _import_ray()
         zoo = zoo if zoo is not None else load_zoo(spec.zoo)
-        protocol = load_protocol()
+        protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()
         eps_values = eps_values or [protocol.eps]
         check_attack_names(attacks, eps_values, protocol)
         needed = models_needed(zoo, entry_ids, attacks, protocol, spec.dataset)

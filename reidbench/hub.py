@@ -117,19 +117,21 @@ def _provenance(entry: ZooEntry, sha256: str, metadata: dict[str, str]) -> list[
 
 
 def _results(entry: ZooEntry, results_root: Optional[Path]) -> list[str]:
-    from .leaderboard import percent, results_table
+    from .leaderboard import results_table, with_interval
     from .protocol import CURRENT_VERSION
 
     table = results_table(results_root, CURRENT_VERSION) if results_root and Path(results_root).is_dir() else None
     cells = None if table is None else table[table["model"] == entry.id]
     if cells is None or cells.empty:
         return [f"No results in the result store when this was pushed; `reidbench run --model {entry.id}` makes them."]
-    lines = [f"Protocol {CURRENT_VERSION}, from reidbench's result store (percent; Rank-1 and mAP under attack).", "",
+    lines = [f"Protocol {CURRENT_VERSION}, from reidbench's result store (percent; Rank-1 and mAP under attack; "
+             "± half the 95% interval, a bootstrap over test identities).", "",
              "| dataset | attack | threat model | clean Rank-1 | clean mAP | Rank-1 | mAP | flags |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in cells.itertuples():
-        lines.append(f"| {row.dataset} | {row.attack} | {row.threat_model} | {percent(row.clean_rank1)} | "
-                     f"{percent(row.clean_mAP)} | {percent(row.rank1)} | {percent(row.mAP)} | {row.flags} |")
+        shown = [with_interval(getattr(row, c), (getattr(row, f"{c}_lo"), getattr(row, f"{c}_hi")))
+                 for c in ("clean_rank1", "clean_mAP", "rank1", "mAP")]
+        lines.append(f"| {row.dataset} | {row.attack} | {row.threat_model} | {' | '.join(shown)} | {row.flags} |")
     return lines
 
 

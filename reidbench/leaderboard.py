@@ -35,6 +35,21 @@ the reported columns and never enters a worst case.
 Per-identity variance (DDID's bias measure, ``metrics/fairness.py``) is shown clean and
 under the per-query worst case of the same attacks as the table's worst-case columns: a
 query counts as a hit only if every one of those attacks leaves its first match on top.
+
+Every Rank-1 / mAP / mINP and variance carries its 95% interval (a bootstrap over test
+identities, ``metrics/bootstrap.py``): shown as ``61.9 ± 4.1`` (half the interval's width;
+the bounds are in the cell's tooltip), and as ``<column>.lo`` / ``<column>.hi`` in the
+downloads. Records written before intervals existed get them from their per-query file.
+
+A worst case combines only cells that agree on the weights' sha256, the split hash and the
+protocol fingerprint (the largest such group of the model; none when two groups tie); the
+others are stale, listed in the row's flags and left out. Re-ranked numbers under attack are
+non-adaptive (the attacks optimise plain distances): they appear only on the model pages,
+labelled so, never in a headline or worst-case column.
+
+Each protocol version is rendered apart: the requested one (the current by default) at the
+top of ``out_dir``, every other version found in the result folder under
+``out_dir/protocol-<version>/``, each page saying so; numbers of two versions never share a table.
 """
 
 from __future__ import annotations
@@ -51,6 +66,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 import torch
@@ -59,9 +76,9 @@ from markupsafe import Markup, escape
 from rich.markup import escape as markup_escape
 
 from .errors import ReIDBenchError
-from .metrics import identity_spread
+from .metrics import IdentityBootstrap, identity_spread, metric_intervals, rank1_variance_interval
 from .progress import log
-from .protocol import CURRENT_VERSION, load_protocol
+from .protocol import CURRENT_VERSION, known_versions, load_protocol
 from .results import iter_cells, read_per_query
 
 LEADERBOARD_DIR = Path(__file__).resolve().parent.parent / "leaderboard"
@@ -73,11 +90,24 @@ PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b
 REPORTED_NUMBERS = ("reported_clean_rank1", "reported_clean_mAP", "reported_rank1", "reported_mAP")
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 
+# Flat columns that carry a 95% interval, with the record block and metric it comes from;
+# each has <column>_lo / <column>_hi beside it. rr_rank1 / rr_mAP are re-ranked under
+# attack: non-adaptive (see the module docstring).
+INTERVAL_SOURCES = {"clean_rank1": ("clean", "rank1"), "clean_mAP": ("clean", "mAP"), "rank1": ("attacked", "rank1"),
+                    "mAP": ("attacked", "mAP"), "mINP": ("attacked", "mINP"),
+                    "rr_clean_rank1": ("clean_reranked", "rank1"), "rr_clean_mAP": ("clean_reranked", "mAP"),
+                    "rr_rank1": ("attacked_reranked", "rank1"), "rr_mAP": ("attacked_reranked", "mAP"),
+                    "clean_var": ("clean", "rank1_var"), "var": ("attacked", "rank1_var")}
+INTERVAL_COLUMNS = [f"{c}_{end}" for c in INTERVAL_SOURCES for end in ("lo", "hi")]
+# What a worst case must not mix (the row's columns).
+CONSISTENCY = ("weights_sha256", "split_hash", "protocol_fingerprint")
+
 COLUMNS = ["dataset", "split_hash", "model", "backbone", "defense", "train_dataset", "attack", "attack_name", "threat_model",
            "clean_rank1", "clean_mAP", "rank1", "rank5", "rank10", "mAP", "mINP", "rr_clean_rank1", "rr_clean_mAP",
            "rr_rank1", "rr_mAP", "clean_var", "var", "linf", "eps", "perturbed", "flags", "wall_time_s",
            "standardized", "reported_clean_rank1", "reported_clean_mAP", "reported_rank1", "reported_mAP",
-           "reported_source", "reported_url", "reported_footnote", "path"]
+           "reported_source", "reported_url", "reported_footnote", *INTERVAL_COLUMNS, "rr_adaptive",
+           "weights_sha256", "protocol_version", "protocol_fingerprint", "path"]
 
 
 # --- records -> one flat row per cell ------------------------------------------------------
@@ -149,6 +179,70 @@ def _identity_var(record: dict, path: Path, label: str) -> float:
     return _number(spread["rank1_var"])
 
 
+@lru_cache(maxsize=None)
+def _interval_settings(version: str) -> dict:
+    """Bootstrap settings (resamples, level, seed) of a protocol version; a version this
+    package does not ship gets the current one's."""
+    try:
+        protocol = load_protocol(version)
+    except ReIDBenchError:
+        protocol = load_protocol(CURRENT_VERSION)
+    return {**protocol.interval, "seed": protocol.seed}
+
+
+def _bounds(value) -> tuple[float, float]:
+    """A stored [lo, hi] pair as fractions-or-numbers; (NaN, NaN) when absent."""
+    if value is None:
+        return math.nan, math.nan
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"an interval must be [lo, hi], got {value!r}")
+    lo, hi = _number(value[0]), _number(value[1])
+    if lo > hi:
+        raise ValueError(f"an interval must be [lo, hi] with lo <= hi, got {value!r}")
+    return lo, hi
+
+
+def cell_intervals(path: Path, record: dict) -> dict[str, tuple[float, float]]:
+    """The 95% interval (lo, hi) of every number of a cell that has one, keyed by its flat
+    column (:data:`INTERVAL_SOURCES`): from the record when it stores them (``ci95`` and
+    ``per_identity.rank1_var_ci95``), else recomputed from the per-query file with the
+    record's protocol settings and seed; (NaN, NaN) where neither can give it (a re-ranked
+    number of an old record, mINP of a file without per-query INP)."""
+    out: dict[str, tuple[float, float]] = {}
+    computed: dict[str, dict] = {}
+    settings = dict(_interval_settings(str((record.get("protocol") or {}).get("version"))))
+    if isinstance(record.get("seed"), int) and not isinstance(record.get("seed"), bool):
+        settings["seed"] = record["seed"]
+    for column, (label, metric) in INTERVAL_SOURCES.items():
+        block = record.get(label)
+        if not isinstance(block, dict):
+            out[column] = (math.nan, math.nan)
+            continue
+        if metric == "rank1_var":
+            spread = block.get("per_identity")
+            stored = spread.get("rank1_var_ci95") if isinstance(spread, dict) else None
+        else:
+            stored = (block.get("ci95") or {}).get(metric)
+        if stored is None and label in ("clean", "attacked"):
+            if label not in computed:
+                computed[label] = _intervals_from_outcomes(path, label, settings)
+            stored = computed[label].get(metric)
+        out[column] = _bounds(stored)
+        if metric in ("rank1", "mAP", "mINP") and not math.isnan(out[column][0]):
+            _fraction(out[column][0]), _fraction(out[column][1])
+    return out
+
+
+def _intervals_from_outcomes(path: Path, label: str, settings: dict) -> dict:
+    outcomes = _outcomes_or_none(path)
+    if outcomes is None or "query_pids" not in outcomes or f"{label}_first_hit" not in outcomes:
+        return {}
+    first_hit, pids = outcomes[f"{label}_first_hit"], outcomes["query_pids"]
+    out = metric_intervals(first_hit, pids, outcomes[f"{label}_ap"], outcomes.get(f"{label}_inp"), **settings)
+    out["rank1_var"] = rank1_variance_interval(first_hit, pids, **settings)
+    return out
+
+
 def _attack_name(record: dict) -> str:
     attack = record.get("attack")
     if isinstance(attack, dict) and isinstance(attack.get("name"), str):
@@ -192,7 +286,14 @@ def _row(path: Path, record: dict) -> dict:
         "linf": _number(perturbation.get("linf_max")), "eps": _number(perturbation.get("eps")),
         "perturbed": str(record.get("perturbed", "query")), "flags": ", ".join(str(f) for f in flags),
         "wall_time_s": _number(record.get("wall_time_s")), "standardized": measured, "path": str(path),
+        "rr_adaptive": bool(attacked_rr.get("adaptive", False)) if attacked_rr else None,
+        "weights_sha256": str(model.get("weights_sha256") or ""),
+        "protocol_version": str((record.get("protocol") or {}).get("version") or ""),
+        "protocol_fingerprint": str((record.get("protocol") or {}).get("fingerprint") or ""),
     }
+    if measured:
+        for column, (lo, hi) in cell_intervals(path, record).items():
+            row[f"{column}_lo"], row[f"{column}_hi"] = lo, hi
     row.update({key: reported.get(key, math.nan if key in REPORTED_NUMBERS else None)
                 for key in COLUMNS if key.startswith("reported_")})
     return row
@@ -226,15 +327,44 @@ def _cells_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 # --- aggregates over cells --------------------------------------------------------------------
+def consistent_cells(cells: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kept, stale): the largest group of ``cells`` agreeing on the weights' sha256, the split
+    hash and the protocol fingerprint, and the rest. When two groups are equally large there
+    is no telling which is current: nothing is kept."""
+    if cells.empty:
+        return cells, cells.iloc[0:0]
+    keys = list(zip(*(cells[c].fillna("").astype(str) for c in CONSISTENCY)))
+    counts = Counter(keys).most_common()
+    if len(counts) == 1:
+        return cells, cells.iloc[0:0]
+    if counts[0][1] == counts[1][1]:
+        return cells.iloc[0:0], cells
+    keep = np.array([k == counts[0][0] for k in keys])
+    return cells[keep], cells[~keep]
+
+
+def stale_note(attacks) -> Optional[str]:
+    """The flag that lists the cells a worst case left out."""
+    if not len(attacks):
+        return None
+    return "stale cells, left out of the worst case (other weights, split or protocol): " + " ".join(sorted(set(attacks)))
+
+
 def worst_case(cells: pd.DataFrame, perturbed: str = "query") -> dict:
     """Per query, the worst outcome over the given measured cells of one model that perturb
     the same side (the query by default): robust Rank-1 = share of queries whose first match
     stays on top under every attack, robust mAP = mean over queries of the lowest AP any
-    attack reached, and the per-identity Rank-1 variance of that worst case."""
+    attack reached, and the per-identity Rank-1 variance of that worst case; each with its
+    95% interval (``*_ci``, the identity bootstrap of the record's protocol).
+
+    Only consistent cells are combined (:func:`consistent_cells`); ``stale`` lists the attack
+    ids left out, and when no group is the largest the worst case is refused (None)."""
     if "standardized" in cells:
         cells = cells[cells["standardized"].astype(bool)]
     cells = cells[cells["perturbed"] == perturbed]
-    empty = {"rank1": None, "mAP": None, "identity_var": None, "attacks": len(cells)}
+    cells, stale = consistent_cells(cells) if all(c in cells for c in CONSISTENCY) else (cells, cells.iloc[0:0])
+    empty = {"rank1": None, "mAP": None, "identity_var": None, "rank1_ci": None, "mAP_ci": None,
+             "identity_var_ci": None, "attacks": len(cells), "stale": sorted(set(stale["attack"])) if len(stale) else []}
     if cells.empty:
         return empty
     outcomes = [_outcomes_or_none(p) for p in cells["path"]]
@@ -246,28 +376,41 @@ def worst_case(cells: pd.DataFrame, perturbed: str = "query") -> dict:
     valid = outcomes[0]["clean_first_hit"] >= 0
     ap = np.min([o["attacked_ap"] for o in outcomes], axis=0)[valid]
     hit = np.all([o["attacked_first_hit"] == 0 for o in outcomes], axis=0)[valid]
-    variance = None
+    out = {**empty, "rank1": float(hit.mean()) if hit.size else None,
+           "mAP": float(np.nanmean(ap)) if ap.size else None}
     if "query_pids" in outcomes[0]:
+        pids = outcomes[0]["query_pids"].astype(np.int64)
         worst_first_hit = np.where(valid, np.max([o["attacked_first_hit"] for o in outcomes], axis=0), -1)
-        variance = identity_spread(torch.from_numpy(worst_first_hit.astype(np.int64)),
-                                   torch.from_numpy(outcomes[0]["query_pids"].astype(np.int64)))["rank1_var"]
-    return {"rank1": float(hit.mean()) if hit.size else None, "mAP": float(np.nanmean(ap)) if ap.size else None,
-            "identity_var": variance, "attacks": len(outcomes)}
+        versions = set(cells["protocol_version"]) if "protocol_version" in cells else set()
+        settings = _interval_settings(versions.pop() if len(versions) == 1 else CURRENT_VERSION)
+        spread = identity_spread(torch.from_numpy(worst_first_hit.astype(np.int64)), torch.from_numpy(pids), **settings)
+        out["identity_var"], out["identity_var_ci"] = spread["rank1_var"], spread["rank1_var_ci95"]
+        finite = np.isfinite(ap)
+        if hit.size:
+            out["rank1_ci"] = IdentityBootstrap(pids[valid], **settings).mean_interval(hit.astype(np.float64))
+        if finite.any():
+            out["mAP_ci"] = IdentityBootstrap(pids[valid][finite], **settings).mean_interval(ap[finite])
+    return out
 
 
 def cross_cell_flags(cells: pd.DataFrame) -> list[str]:
     """Flags that need several cells of one model: a black-box attack beating every white-box
-    one smells of gradient masking (Athalye et al. 2018; Croce & Hein 2020)."""
-    white = cells[cells["threat_model"] == "white-box"]["mAP"].dropna()
-    black = cells[cells["threat_model"].isin(["transfer", "query-based"])]["mAP"].dropna()
-    if len(white) and len(black) and black.min() < white.min() - 0.01:
-        return ["black-box-beats-white-box"]
-    return []
+    one, on Rank-1 or on mAP, smells of gradient masking (Athalye et al. 2018; Croce & Hein
+    2020). Only consistent cells are compared."""
+    if all(c in cells for c in CONSISTENCY):
+        cells = consistent_cells(cells)[0]
+    beaten = []
+    for metric, label in (("rank1", "Rank-1"), ("mAP", "mAP")):
+        white = cells[cells["threat_model"] == "white-box"][metric].dropna()
+        black = cells[cells["threat_model"].isin(["transfer", "query-based"])][metric].dropna()
+        if len(white) and len(black) and black.min() < white.min() - 0.01:
+            beaten.append(label)
+    return [f"black-box-beats-white-box ({', '.join(beaten)})"] if beaten else []
 
 
-def _flags(cells: pd.DataFrame, model_cells: pd.DataFrame) -> str:
+def _flags(cells: pd.DataFrame, model_cells: pd.DataFrame, extra: Optional[list] = None) -> str:
     flags = {f.strip() for f in ", ".join(cells["flags"]).split(",") if f.strip()}
-    return "; ".join(sorted(flags | set(cross_cell_flags(model_cells))))
+    return "; ".join(sorted(flags | set(cross_cell_flags(model_cells)) | {e for e in extra or [] if e}))
 
 
 def _first(series: pd.Series):
@@ -282,6 +425,7 @@ class Column:
     label: str  # header in the page
     group: str = ""  # the header above it (consecutive equal groups share one cell)
     kind: str = "text"  # text | model | source | pct (fraction shown in %) | var | eps | float | int
+    ci: bool = False  # the rows carry "<key>.lo" / "<key>.hi": shown as ± and downloaded as columns
 
 
 @dataclass
@@ -304,17 +448,35 @@ class Table:
     def html_rows(self) -> list[list[dict]]:
         return [[_display(row.get(c.key), c, row) for c in self.columns] for row in self.rows]
 
+    def download_columns(self) -> list[tuple[str, str, Column]]:
+        """(key, label, column) of every download column: each table column, and after one
+        with an interval its bounds."""
+        out = []
+        for c in self.columns:
+            out.append((c.key, c.label, c))
+            if c.ci:
+                out += [(f"{c.key}.lo", f"{c.label} 95% lower", c), (f"{c.key}.hi", f"{c.label} 95% upper", c)]
+        return out
+
     def records(self) -> list[dict]:
-        return [{c.key: _plain(row.get(c.key)) for c in self.columns} for row in self.rows]
+        keys = [key for key, _, _ in self.download_columns()]
+        return [{key: _plain(row.get(key)) for key in keys} for row in self.rows]
 
     def csv(self) -> str:
-        return pd.DataFrame(self.records(), columns=[c.key for c in self.columns]).to_csv(
+        return pd.DataFrame(self.records(), columns=[key for key, _, _ in self.download_columns()]).to_csv(
             index=False, float_format="%.6f", lineterminator="\n")
 
     def json(self) -> str:
-        meta = [{"key": c.key, "label": c.label, "group": c.group,
-                 "unit": {"pct": "fraction", "var": "percent^2", "eps": "1/255"}.get(c.kind, "")} for c in self.columns]
+        meta = [{"key": key, "label": label, "group": c.group,
+                 "unit": {"pct": "fraction", "var": "percent^2", "eps": "1/255"}.get(c.kind, "")}
+                for key, label, c in self.download_columns()]
         return _dumps({"title": self.title, "note": self.note, "columns": meta, "rows": self.records()})
+
+
+def _set(row: dict, key: str, value, interval=None) -> None:
+    """``row[key] = value`` with its interval's bounds beside it (NaN where there is none)."""
+    lo, hi = (math.nan, math.nan) if interval is None else interval
+    row[key], row[f"{key}.lo"], row[f"{key}.hi"] = value, lo, hi
 
 
 def _plain(value):
@@ -334,6 +496,17 @@ def percent(value) -> str:
     return "–" if _missing(value) else f"{100 * float(value):.1f}"
 
 
+def with_interval(value, interval=None, scale: float = 100.0) -> str:
+    """``61.9 ± 4.1`` (a fraction in percent, and half its interval's width; one decimal);
+    the number alone without an interval, – when missing."""
+    if _missing(value):
+        return "–"
+    lo, hi = (None, None) if interval is None else interval
+    if _missing(lo) or _missing(hi):
+        return f"{scale * float(value):.1f}"
+    return f"{scale * float(value):.1f} ± {scale * (float(hi) - float(lo)) / 2:.1f}"
+
+
 def _missing(value) -> bool:
     return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
 
@@ -342,6 +515,11 @@ def _display(value, column: Column, row: dict) -> dict:
     """One page cell: its text, its sort key (empty when missing) and, for links, its target."""
     if _missing(value) or value == "":
         return {"text": "–", "sort": "", "numeric": column.kind not in ("text", "model", "source")}
+    lo, hi = row.get(f"{column.key}.lo"), row.get(f"{column.key}.hi")
+    if column.ci and not (_missing(lo) or _missing(hi)):
+        scale = 100 if column.kind == "pct" else 1
+        return {"text": f"{scale * value:.1f} ± {scale * (hi - lo) / 2:.1f}", "sort": f"{scale * value:.6g}",
+                "numeric": True, "title": f"95% interval {scale * lo:.1f} to {scale * hi:.1f}"}
     if column.kind == "pct":
         return {"text": f"{100 * value:.1f}", "sort": f"{100 * value:.6g}", "numeric": True}
     if column.kind in ("var", "eps", "float"):
@@ -399,7 +577,9 @@ def _by_worst_map(rows: list[dict], key: str) -> list[dict]:
 
 MODEL_COLUMNS = [Column("model", "model", kind="model"), Column("backbone", "backbone"), Column("defense", "defense"),
                  Column("train_dataset", "trained on")]
-CLEAN_COLUMNS = [Column("clean.rank1", "R-1", "clean", "pct"), Column("clean.mAP", "mAP", "clean", "pct")]
+CLEAN_COLUMNS = [Column("clean.rank1", "R-1", "clean", "pct", ci=True), Column("clean.mAP", "mAP", "clean", "pct", ci=True)]
+INTERVAL_NOTE = ("a ± b: the number and half the width of its 95% interval (a bootstrap over test identities; the bounds "
+                 "are in the tooltip and the downloads).")
 VAR_GROUP = "per-identity R-1 variance (%²)"
 
 
@@ -428,12 +608,24 @@ def _reported_values(cells: pd.DataFrame) -> dict:
             "reported_url": urls[0] if len(urls) == 1 else None}
 
 
+def _interval(cell, column: str) -> tuple[float, float]:
+    """(lo, hi) of a flat column of one cell (a row of the cells frame)."""
+    return getattr(cell, f"{column}_lo"), getattr(cell, f"{column}_hi")
+
+
 def _model_base(model: str, cells: pd.DataFrame) -> dict:
     first = cells.iloc[0]
     measured = cells[cells["standardized"].astype(bool)]
-    return {"model": model, "backbone": first.backbone, "defense": first.defense, "train_dataset": first.train_dataset,
-            "clean.rank1": _first(measured["clean_rank1"]), "clean.mAP": _first(measured["clean_mAP"]),
-            "var.clean": _first(measured["clean_var"])}
+    # Clean numbers from the cells a worst case would use (any measured cell when none would).
+    kept = consistent_cells(measured)[0]
+    source = next((c for c in (kept if len(kept) else measured).itertuples()), None)
+    row = {"model": model, "backbone": first.backbone, "defense": first.defense, "train_dataset": first.train_dataset}
+    for key, column in (("clean.rank1", "clean_rank1"), ("clean.mAP", "clean_mAP"), ("var.clean", "clean_var")):
+        if source is None:
+            _set(row, key, math.nan)
+        else:
+            _set(row, key, getattr(source, column), _interval(source, column))
+    return row
 
 
 def summary_table(dataset: str, eps255, cells: pd.DataFrame, grid: Optional[set[str]]) -> Table:
@@ -442,34 +634,42 @@ def summary_table(dataset: str, eps255, cells: pd.DataFrame, grid: Optional[set[
     for model, mcells in cells.groupby("model", sort=True):
         in_grid = mcells["attack_name"].isin(grid) if grid is not None else pd.Series(True, index=mcells.index)
         standard = worst_case(mcells[in_grid])
-        row = {**_model_base(model, mcells), **_reported_values(mcells),
-               "standardized.rank1": standard["rank1"], "standardized.mAP": standard["mAP"],
-               "standardized.attacks": standard["attacks"], "var.worst": standard["identity_var"],
-               "flags": _flags(mcells, mcells[mcells["standardized"].astype(bool)])}
+        row = {**_model_base(model, mcells), **_reported_values(mcells), "standardized.attacks": standard["attacks"]}
+        _set(row, "standardized.rank1", standard["rank1"], standard["rank1_ci"])
+        _set(row, "standardized.mAP", standard["mAP"], standard["mAP_ci"])
+        _set(row, "var.worst", standard["identity_var"], standard["identity_var_ci"])
+        stale = list(standard["stale"])
         beyond = mcells[~in_grid & mcells["standardized"].astype(bool) & (mcells["perturbed"] == "query")]
         if not beyond.empty:
             adaptive = worst_case(mcells)
-            row.update({"adaptive.rank1": adaptive["rank1"], "adaptive.mAP": adaptive["mAP"],
-                        "adaptive.attacks": adaptive["attacks"]})
+            _set(row, "adaptive.rank1", adaptive["rank1"], adaptive["rank1_ci"])
+            _set(row, "adaptive.mAP", adaptive["mAP"], adaptive["mAP_ci"])
+            row["adaptive.attacks"] = adaptive["attacks"]
+            stale += adaptive["stale"]
             any_adaptive = True
+        row["flags"] = _flags(mcells, mcells[mcells["standardized"].astype(bool)], [stale_note(stale)])
         any_reported |= "reported.source" in row
         rows.append(row)
     columns = list(MODEL_COLUMNS)
     if any_reported:
         columns += _reported_columns("robust")
-    columns += [Column("clean.rank1", "clean R-1", "standardized", "pct"), Column("clean.mAP", "clean mAP", "standardized", "pct"),
-                Column("standardized.rank1", "worst R-1", "standardized", "pct"),
-                Column("standardized.mAP", "worst mAP", "standardized", "pct"),
+    columns += [Column("clean.rank1", "clean R-1", "standardized", "pct", ci=True),
+                Column("clean.mAP", "clean mAP", "standardized", "pct", ci=True),
+                Column("standardized.rank1", "worst R-1", "standardized", "pct", ci=True),
+                Column("standardized.mAP", "worst mAP", "standardized", "pct", ci=True),
                 Column("standardized.attacks", "attacks", "standardized", "int")]
     if any_adaptive:
-        columns += [Column("adaptive.rank1", "worst R-1", "adaptive", "pct"), Column("adaptive.mAP", "worst mAP", "adaptive", "pct"),
+        columns += [Column("adaptive.rank1", "worst R-1", "adaptive", "pct", ci=True),
+                    Column("adaptive.mAP", "worst mAP", "adaptive", "pct", ci=True),
                     Column("adaptive.attacks", "attacks", "adaptive", "int")]
-    columns += [Column("var.clean", "clean", VAR_GROUP, "var"), Column("var.worst", "worst", VAR_GROUP, "var"),
+    columns += [Column("var.clean", "clean", VAR_GROUP, "var", ci=True), Column("var.worst", "worst", VAR_GROUP, "var", ci=True),
                 Column("flags", "sanity flags")]
     note = ("Standardized: measured by the protocol runner; worst = per query, the worst outcome over every attack of the "
             "protocol grid that perturbs the query. Adaptive: the same over every attack run on the model (grid and "
-            "variants), where variants were run. Reported: the submitter's claim (robust = the lowest claimed). "
-            "Per-identity variance: clean, and under the standardized worst case.")
+            "variants), where variants were run. A worst case combines only cells with the same weights, split and "
+            "protocol; stale cells are named in the flags. Reported: the submitter's claim (robust = the lowest "
+            "claimed). Per-identity variance: clean, and under the standardized worst case. Re-ranked numbers are not "
+            "here: under attack they are non-adaptive (see the model pages). " + INTERVAL_NOTE)
     return Table(_table_slug(dataset, eps255, "summary"), f"{dataset}, {eps_text(eps255)}: summary", note, columns,
                  _by_worst_map(rows, "standardized.mAP"))
 
@@ -484,22 +684,28 @@ def threat_table(dataset: str, eps255, threat: str, cells: pd.DataFrame, all_cel
         by_attack = {r.attack: r for r in mcells[mcells["standardized"].astype(bool)].itertuples()}
         worst = worst_case(mcells, perturbed)
         row = {**_model_base(model, all_cells[all_cells["model"] == model]), **_reported_values(mcells),
-               "worst.rank1": worst["rank1"], "worst.mAP": worst["mAP"], "var.worst": worst["identity_var"],
-               "flags": _flags(mcells, all_cells[(all_cells["model"] == model) & all_cells["standardized"].astype(bool)])}
+               "flags": _flags(mcells, all_cells[(all_cells["model"] == model) & all_cells["standardized"].astype(bool)],
+                               [stale_note(worst["stale"])])}
+        _set(row, "worst.rank1", worst["rank1"], worst["rank1_ci"])
+        _set(row, "worst.mAP", worst["mAP"], worst["mAP_ci"])
+        _set(row, "var.worst", worst["identity_var"], worst["identity_var_ci"])
         for attack in attacks:
             if attack in by_attack:
-                row[f"{attack}.rank1"], row[f"{attack}.mAP"] = by_attack[attack].rank1, by_attack[attack].mAP
+                cell = by_attack[attack]
+                _set(row, f"{attack}.rank1", cell.rank1, _interval(cell, "rank1"))
+                _set(row, f"{attack}.mAP", cell.mAP, _interval(cell, "mAP"))
         rows.append(row)
     columns = MODEL_COLUMNS + CLEAN_COLUMNS
     for attack in attacks:
-        columns += [Column(f"{attack}.rank1", "R-1", attack, "pct"), Column(f"{attack}.mAP", "mAP", attack, "pct")]
-    columns += [Column("worst.rank1", "R-1", "worst case", "pct"), Column("worst.mAP", "mAP", "worst case", "pct"),
-                Column("var.clean", "clean", VAR_GROUP, "var"), Column("var.worst", "worst", VAR_GROUP, "var")]
+        columns += [Column(f"{attack}.rank1", "R-1", attack, "pct", ci=True), Column(f"{attack}.mAP", "mAP", attack, "pct", ci=True)]
+    columns += [Column("worst.rank1", "R-1", "worst case", "pct", ci=True), Column("worst.mAP", "mAP", "worst case", "pct", ci=True),
+                Column("var.clean", "clean", VAR_GROUP, "var", ci=True), Column("var.worst", "worst", VAR_GROUP, "var", ci=True)]
     if any("reported.source" in r for r in rows):
         columns += _reported_columns("lowest")
     columns.append(Column("flags", "sanity flags"))
     note = ("Rank-1 / mAP in %, standardized (measured by the protocol runner). Worst case: per query, over the "
-            "attacks of this table. Per-identity variance: clean, and under that worst case.")
+            "attacks of this table whose cells share the weights, split and protocol (stale cells are named in the "
+            "flags). Per-identity variance: clean, and under that worst case. " + INTERVAL_NOTE)
     return Table(_table_slug(dataset, eps255, threat), f"{dataset}, {eps_text(eps255)}: {threat}", note, columns,
                  _by_worst_map(rows, "worst.mAP"))
 
@@ -523,17 +729,19 @@ def index_sections(cells: pd.DataFrame, grid: Optional[set[str]] = None) -> list
 
 
 # --- model pages ----------------------------------------------------------------------------
+RERANKED_ATTACKED = "attacked, re-ranked: non-adaptive"
 MODEL_TABLE_COLUMNS = [
     Column("dataset", "dataset"), Column("attack", "attack"), Column("threat_model", "threat model"),
     Column("eps255", "ε (/255)", kind="eps"), Column("perturbed", "perturbed"),
-    Column("clean.rank1", "R-1", "clean", "pct"), Column("clean.mAP", "mAP", "clean", "pct"),
-    Column("attacked.rank1", "R-1", "attacked", "pct"), Column("attacked.rank5", "R-5", "attacked", "pct"),
-    Column("attacked.rank10", "R-10", "attacked", "pct"), Column("attacked.mAP", "mAP", "attacked", "pct"),
-    Column("attacked.mINP", "mINP", "attacked", "pct"),
-    Column("clean_reranked.rank1", "R-1", "clean, re-ranked", "pct"), Column("clean_reranked.mAP", "mAP", "clean, re-ranked", "pct"),
-    Column("attacked_reranked.rank1", "R-1", "attacked, re-ranked", "pct"),
-    Column("attacked_reranked.mAP", "mAP", "attacked, re-ranked", "pct"),
-    Column("var.attacked", "attacked", VAR_GROUP, "var"),
+    Column("clean.rank1", "R-1", "clean", "pct", ci=True), Column("clean.mAP", "mAP", "clean", "pct", ci=True),
+    Column("attacked.rank1", "R-1", "attacked", "pct", ci=True), Column("attacked.rank5", "R-5", "attacked", "pct"),
+    Column("attacked.rank10", "R-10", "attacked", "pct"), Column("attacked.mAP", "mAP", "attacked", "pct", ci=True),
+    Column("attacked.mINP", "mINP", "attacked", "pct", ci=True),
+    Column("clean_reranked.rank1", "R-1", "clean, re-ranked", "pct", ci=True),
+    Column("clean_reranked.mAP", "mAP", "clean, re-ranked", "pct", ci=True),
+    Column("attacked_reranked.rank1", "R-1", RERANKED_ATTACKED, "pct", ci=True),
+    Column("attacked_reranked.mAP", "mAP", RERANKED_ATTACKED, "pct", ci=True),
+    Column("var.attacked", "attacked", VAR_GROUP, "var", ci=True),
     Column("linf255", "L∞ used (/255)", kind="float"), Column("wall_time_s", "wall time (s)", kind="float"),
     Column("flags", "sanity flags"),
 ]
@@ -547,18 +755,29 @@ def model_table(model: str, cells: pd.DataFrame) -> Table:
     rows = []
     order = sorted(cells.index, key=lambda i: (cells.at[i, "dataset"], _threat_order(
         _threat_key(cells.at[i, "threat_model"], cells.at[i, "perturbed"])), cells.at[i, "attack"]))
+    stale = set()
+    for _, dcells in cells[cells["standardized"].astype(bool)].groupby("dataset"):
+        stale |= set(consistent_cells(dcells)[1].index)
     for i in order:
         r = cells.loc[i]
+        flags = [f for f in (r["flags"], "stale: other weights, split or protocol than the model's other cells"
+                             if i in stale else "") if f]
         row = {"dataset": r["dataset"], "attack": r["attack"], "threat_model": r["threat_model"], "eps255": _eps255(r["eps"]),
                "perturbed": r["perturbed"], "linf255": None if _missing(r["linf"]) else r["linf"] * 255,
-               "wall_time_s": r["wall_time_s"], "flags": r["flags"], **_reported_values(cells.loc[[i]])}
-        row.update({key: r[source] for key, source in _MODEL_TABLE_SOURCE.items()})
+               "wall_time_s": r["wall_time_s"], "flags": "; ".join(flags), **_reported_values(cells.loc[[i]])}
+        for key, source in _MODEL_TABLE_SOURCE.items():
+            if source in INTERVAL_SOURCES:
+                _set(row, key, r[source], (r[f"{source}_lo"], r[f"{source}_hi"]))
+            else:
+                row[key] = r[source]
         rows.append(row)
     columns = list(MODEL_TABLE_COLUMNS)
     if cells["reported_source"].notna().any():
         columns[-1:-1] = _reported_columns("attacked")
     return Table(page_name(model), f"{model}: every cell", "Rank-1 / mAP / mINP in %, plain and with k-reciprocal "
-                 "re-ranking; per-identity variance of the attacked Rank-1.", columns, rows)
+                 "re-ranking; per-identity variance of the attacked Rank-1. Re-ranked numbers under attack are "
+                 "non-adaptive: the attacks optimise plain distances, not re-ranked ones, so these overstate robustness "
+                 "and never enter a worst case. " + INTERVAL_NOTE, columns, rows)
 
 
 def robustness_svg(series: dict[str, list[tuple[float, float]]], clean: Optional[float], metric: str) -> Markup:
@@ -712,9 +931,49 @@ def _prune(folder: Path, keep: set[Path]) -> None:
                 path.unlink()
 
 
+def result_versions(results_root: Path) -> list[str]:
+    """The protocol versions that have a folder in the result store, oldest first."""
+    root = Path(results_root)
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if p.is_dir() and re.fullmatch(r"v\d+", p.name)]
+    return sorted(names, key=lambda v: int(v[1:]))
+
+
+def protocol_summary(protocol_version: str) -> str:
+    """What the numbers of a version mean beyond the shared conventions, for its pages."""
+    if protocol_version not in known_versions():
+        return (f"This package does not ship protocol {protocol_version}: its attack grid and settings are unknown "
+                "here, so every attack counts as standardized.")
+    p = load_protocol(protocol_version)
+    parts = ["a positive tied with a negative ranks after it" if p.ties == "pessimistic"
+             else "a positive tied with a negative is ordered by gallery index"]
+    parts.append(f"iterative attacks run from {p.restarts} starts and keep each query's best iterate" if p.restarts > 1
+                 else "iterative attacks run once")
+    return "Ties: " + parts[0] + "; " + parts[1] + "."
+
+
 def render_site(results_root: Path, out_dir: Path | None = None, protocol_version: str = CURRENT_VERSION) -> Path:
-    """Render the site (see the module docstring) into ``out_dir``; returns the index path."""
+    """Render the site (see the module docstring) into ``out_dir``; returns the index path.
+
+    ``protocol_version``'s cells are the site; every other version in the result folder is
+    rendered apart, into ``out_dir/protocol-<version>/``, and linked with a note."""
     out_dir = Path(out_dir) if out_dir else LEADERBOARD_DIR / "site"
+    others = [v for v in result_versions(results_root) if v != protocol_version]
+    index = _render_version(results_root, out_dir, protocol_version,
+                            {"others": [(v, f"protocol-{v}/index.html") for v in others], "current": None})
+    for version in others:
+        _render_version(results_root, out_dir / f"protocol-{version}", version,
+                        {"others": [], "current": (protocol_version, "../index.html")})
+    for path in out_dir.glob("protocol-v*"):
+        if path.is_dir() and path.name[len("protocol-"):] not in others:
+            shutil.rmtree(path)
+    return index
+
+
+def _render_version(results_root: Path, out_dir: Path, protocol_version: str, apart: dict) -> Path:
+    """The site of one protocol version; ``apart`` names the other versions' sites (``others``)
+    or, for a version rendered apart, the main one (``current``)."""
     loaded = load_records(results_root, protocol_version)
     cells = _cells_frame([row for _, _, row in loaded])
     env = Environment(loader=FileSystemLoader(LEADERBOARD_DIR / "templates"), autoescape=select_autoescape(["html", "j2"]),
@@ -736,8 +995,9 @@ def render_site(results_root: Path, out_dir: Path | None = None, protocol_versio
         files[out_dir / "models" / f"{name}.csv"] = page["table"].csv()
         files[out_dir / "models" / f"{name}.json"] = page["table"].json()
     index = out_dir / "index.html"
-    files[index] = env.get_template("index.html.j2").render(root="", protocol_version=protocol_version, sections=sections,
-                                                            num_cells=len(cells), num_models=len(records_by_model))
+    files[index] = env.get_template("index.html.j2").render(
+        root="", protocol_version=protocol_version, sections=sections, num_cells=len(cells),
+        num_models=len(records_by_model), protocol_note=protocol_summary(protocol_version), **apart)
     flat = cells.drop(columns=["path"])
     files[out_dir / "cells.csv"] = flat.to_csv(index=False, float_format="%.6f", lineterminator="\n")
     files[out_dir / "cells.json"] = _dumps([{k: _plain(v) for k, v in row.items()} for row in flat.to_dict("records")])

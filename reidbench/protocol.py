@@ -16,7 +16,10 @@ import yaml
 
 from .errors import ReIDBenchError
 
-CURRENT_VERSION = "v1"
+CURRENT_VERSION = "v2"
+# What a version that predates a setting meant by it (v1 broke ties by gallery index and ran
+# every attack once, keeping its last iterate).
+_TIES = ("index", "pessimistic")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,46 @@ class Protocol:
         return dict(self.raw["metrics"]["rerank"])
 
     @property
+    def ties(self) -> str:
+        """How a positive and a negative at the same distance are ordered: ``index`` (v1:
+        by gallery index) or ``pessimistic`` (v2: the positive ranks last)."""
+        ties = self.raw["metrics"].get("ties", "index")
+        if ties not in _TIES:
+            raise ReIDBenchError(f"protocol {self.version}: metrics.ties must be one of {', '.join(_TIES)}, got {ties!r}")
+        return ties
+
+    @property
+    def interval(self) -> dict:
+        """Settings of the identity bootstrap behind every interval. v1 defines none; records
+        of v1 get intervals (from their per-query files) with v2's settings."""
+        spec = {"method": "identity-bootstrap", "resamples": 1000, "level": 0.95,
+                **dict(self.raw["metrics"].get("interval") or {})}
+        if spec["method"] != "identity-bootstrap":
+            raise ReIDBenchError(f"protocol {self.version}: unknown interval method {spec['method']!r}")
+        return {"resamples": int(spec["resamples"]), "level": float(spec["level"])}
+
+    @property
+    def rerank_attacked_adaptive(self) -> bool:
+        """Whether attacks are run through re-ranking (no version does: every re-ranked number
+        under attack is non-adaptive, and v2 labels it so)."""
+        return self.raw["metrics"].get("rerank_attacked", "non-adaptive") == "adaptive"
+
+    @property
+    def restarts(self) -> int:
+        """Starts per iterative attack (v1: one)."""
+        return int(self.raw.get("attack", {}).get("restarts", 1))
+
+    @property
+    def best_iterate(self) -> bool:
+        """Whether an iterative attack keeps each query's best iterate (v1: the last one)."""
+        return bool(self.raw.get("attack", {}).get("best_iterate", False))
+
+    @property
+    def consistent_keys(self) -> list[str]:
+        """Record fields on which every cell of a worst case must agree."""
+        return list(self.raw.get("worst_case", {}).get("consistent", ["weights_sha256", "split_hash", "protocol_fingerprint"]))
+
+    @property
     def eot_samples(self) -> int:
         return int(self.raw.get("adaptive", {}).get("eot_samples", 1))
 
@@ -98,11 +141,22 @@ class Protocol:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def known_versions() -> list[str]:
+    """Protocol versions this package ships, oldest first."""
+    names = [p.name[:-5] for p in resources.files("reidbench.protocols").iterdir()
+             if p.name.startswith("v") and p.name.endswith(".yaml")]
+    return sorted(names, key=lambda v: (len(v), v))
+
+
 def load_protocol(version: str = CURRENT_VERSION) -> Protocol:
+    if not isinstance(version, str) or not version.replace("v", "", 1).isdigit() or not version.startswith("v"):
+        raise ReIDBenchError(f"unknown protocol version {version!r} (known: {', '.join(known_versions())}; "
+                             f"current: {CURRENT_VERSION})")
     try:
         text = resources.files("reidbench.protocols").joinpath(f"{version}.yaml").read_text()
     except (FileNotFoundError, OSError):
-        raise ReIDBenchError(f"unknown protocol version '{version}' (current: {CURRENT_VERSION})") from None
+        raise ReIDBenchError(f"unknown protocol version '{version}' (known: {', '.join(known_versions())}; "
+                             f"current: {CURRENT_VERSION})") from None
     raw = yaml.safe_load(text)
     if raw.get("version") != version:
         raise ReIDBenchError(f"protocol file {version}.yaml declares version {raw.get('version')!r}")

@@ -26,7 +26,7 @@ from .defense import DefendedModel, build_defense
 from .errors import ReIDBenchError
 from .example import ExampleCapture, example_query_index, ranking_example
 from .features import embed, extract_features
-from .metrics import evaluate_rank, identity_spread, k_reciprocal_rerank, pairwise_distance
+from .metrics import evaluate_rank, identity_spread, k_reciprocal_rerank, metric_intervals, pairwise_distance
 from .models import build_model, check_model_fits
 from .progress import log, progress_bar
 from .protocol import Protocol, load_protocol
@@ -51,13 +51,17 @@ class ModelBundle:
 def rank_metrics(distmat: torch.Tensor, split: ReIDSplit, protocol: Protocol):
     result = evaluate_rank(
         distmat, split.query.pids, split.gallery.pids, split.query.camids, split.gallery.camids,
-        max_rank=protocol.max_rank, ap=protocol.ap,
+        max_rank=protocol.max_rank, ap=protocol.ap, ties=protocol.ties,
     )
     cmc = result.cmc
+    interval = {**protocol.interval, "seed": protocol.seed}
     summary = {"rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)]),
                "rank10": float(cmc[min(9, len(cmc) - 1)]), "mAP": float(result.mAP), "mINP": float(result.mINP),
                "num_valid_queries": int(result.num_valid),
-               "per_identity": identity_spread(result.per_query_first_hit, split.query.pids)}
+               "ci95": metric_intervals(result.per_query_first_hit.numpy(), np.asarray(split.query.pids),
+                                        result.per_query_ap.numpy(), result.per_query_inp.numpy(), **interval),
+               "interval": {"method": "identity-bootstrap", **interval},
+               "per_identity": identity_spread(result.per_query_first_hit, split.query.pids, **interval)}
     return summary, result
 
 
@@ -301,10 +305,14 @@ class Runner:
             record[label], result = rank_metrics(q_g, split, self.protocol)
             per_query[f"{label}_ap"] = np.asarray(result.per_query_ap, dtype=np.float32)
             per_query[f"{label}_first_hit"] = np.asarray(result.per_query_first_hit, dtype=np.int32)
+            per_query[f"{label}_inp"] = np.asarray(result.per_query_inp, dtype=np.float32)
             if self.rerank:
                 g_g = feats["g_g"] if gf is feats["gallery"] else pairwise_distance(gf, gf)
                 reranked = k_reciprocal_rerank(q_g, pairwise_distance(qf, qf), g_g, **self.protocol.rerank)
                 record[f"{label}_reranked"], _ = rank_metrics(reranked, split, self.protocol)
+                if label == "attacked" and not self.protocol.rerank_attacked_adaptive:
+                    # The attack optimised plain distances, not the re-ranked ones.
+                    record[f"{label}_reranked"]["adaptive"] = False
         per_query["query_pids"] = split.query.pids.numpy().astype(np.int64)
         if example_rows:
             record["example"] = ranking_example(split, example, example_rows["clean"], example_rows["attacked"])
@@ -316,7 +324,7 @@ class Runner:
         """Per-cell signs that a number should not be trusted (in the spirit of AutoAttack's
         checks); the cross-cell ones (transfer beating white-box) are raised by the leaderboard."""
         flags = []
-        if record["attacked"]["mAP"] > record["clean"]["mAP"] + 1e-6:
+        if any(record["attacked"][m] > record["clean"][m] + 1e-6 for m in ("mAP", "rank1")):
             flags.append("attack-improved-metric")
         if (record.get("zero_gradient_share") or 0.0) > self.protocol.zero_gradient_flag:
             flags.append("zero-input-gradients")

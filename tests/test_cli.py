@@ -87,6 +87,12 @@ def test_eps_out_of_range(capsys):
     assert_one_line_error(*run_cli(capsys, "run", "--all", "--eps", "0"), "--eps")
 
 
+def test_unknown_protocol_version_is_one_line(tmp_path, capsys):
+    for argv in (("run", "--all", "--protocol", "v9"), ("render", "--protocol", "v9", "--results", str(tmp_path)),
+                 ("run", "--all", "--protocol", "../v1")):
+        assert_one_line_error(*run_cli(capsys, *argv), "unknown protocol version", "known: v1, v2")
+
+
 def test_no_gpu_is_one_line(capsys):
     import torch
 

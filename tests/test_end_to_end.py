@@ -12,7 +12,7 @@ def test_run_all_writes_cells_skips_unchanged_ones_and_renders(tiny_zoo_file, ti
             "--attack", "m-ifgsm"]
     assert main(argv) == 0
     cells = sorted(results.rglob("*.json"))
-    assert [c.relative_to(results).as_posix() for c in cells] == ["v1/synthetic/tiny-none/m-ifgsm-eps5.json"]
+    assert [c.relative_to(results).as_posix() for c in cells] == ["v2/synthetic/tiny-none/m-ifgsm-eps5.json"]
     record = json.loads(cells[0].read_text())
     for key in ("input_key", "protocol", "model", "dataset", "attack", "threat_model", "clean", "attacked",
                 "clean_reranked", "attacked_reranked", "perturbation", "seed", "environment", "wall_time_s", "sanity_flags"):
@@ -22,6 +22,17 @@ def test_run_all_writes_cells_skips_unchanged_ones_and_renders(tiny_zoo_file, ti
     assert record["attacked"]["mAP"] < record["clean"]["mAP"]
     per_query = read_per_query(cells[0])
     assert per_query["clean_ap"].shape == per_query["attacked_ap"].shape == (record["dataset"]["num_query"],)
+    # Protocol v2: every Rank-1 / mAP / mINP with its interval, the per-query INP they come
+    # from, and re-ranked numbers under attack marked non-adaptive.
+    assert record["protocol"]["version"] == "v2"
+    for label in ("clean", "attacked", "clean_reranked", "attacked_reranked"):
+        for metric in ("rank1", "mAP", "mINP"):
+            lo, hi = record[label]["ci95"][metric]
+            assert lo <= record[label][metric] <= hi, (label, metric)
+        lo, hi = record[label]["per_identity"]["rank1_var_ci95"]
+        assert lo <= record[label]["per_identity"]["rank1_var"] <= hi
+    assert record["attacked_reranked"]["adaptive"] is False and "adaptive" not in record["clean_reranked"]
+    assert per_query["attacked_inp"].shape == per_query["attacked_ap"].shape
     html = (site / "index.html").read_text()
     assert "tiny-none" in html and "m-ifgsm-eps5" in html
 
@@ -34,13 +45,13 @@ def test_run_all_writes_cells_skips_unchanged_ones_and_renders(tiny_zoo_file, ti
 
 def test_leaderboard_is_a_pure_function_and_escapes_html(tmp_path):
     record = {
-        "attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "protocol": {"version": "v1"},
+        "attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "protocol": {"version": "v2"},
         "model": {"id": "<script>alert(1)</script>", "backbone": "resnet18", "defense": {"name": "none"}},
         "dataset": {"name": "synthetic", "split_hash": "abc"}, "attack": {"name": "m-ifgsm"},
         "clean": {"rank1": 0.9, "mAP": 0.8}, "attacked": {"rank1": 0.1, "mAP": 0.05, "mINP": 0.01},
         "sanity_flags": [],
     }
-    folder = tmp_path / "results" / "v1" / "synthetic" / "x"
+    folder = tmp_path / "results" / "v2" / "synthetic" / "x"
     folder.mkdir(parents=True)
     (folder / "m-ifgsm-eps5.json").write_text(json.dumps(record))
     (folder / "broken.json").write_text("{not json")
@@ -67,7 +78,7 @@ def test_defended_entries_borrow_weights_get_eot_and_reproduce(tiny_zoo_file, ti
     argv = ["run", "--model", "tiny-rrp", "--zoo", str(zoo), "--results", str(results), "--site", str(tmp_path / "site"),
             "--device", "cpu", "--attack", "m-fgsm", "--no-rerank", "--no-train"]
     assert main(argv) == 0  # --no-train: the borrowed weights already exist (tiny_model trained them)
-    cell = results / "v1/synthetic/tiny-rrp/m-fgsm-eps5.json"
+    cell = results / "v2/synthetic/tiny-rrp/m-fgsm-eps5.json"
     first = json.loads(cell.read_text())
     assert first["model"]["stochastic"] and first["attack"]["eot_samples"] == 10
     assert first["model"]["weights_sha256"]
@@ -89,7 +100,7 @@ def test_cross_dataset_cells_are_filed_under_the_test_dataset(tiny_zoo_file, tin
             str(tmp_path / "site"), "--device", "cpu", "--attack", "m-fgsm", "--dataset", "market1501"]
     assert main(argv) == 0
     (cell,) = results.rglob("*.json")
-    assert cell.relative_to(results).as_posix() == "v1/market1501/tiny-none/m-fgsm-eps5.json"
+    assert cell.relative_to(results).as_posix() == "v2/market1501/tiny-none/m-fgsm-eps5.json"
     record = json.loads(cell.read_text())
     assert record["model"]["train_dataset"]["name"] == "synthetic" and record["dataset"]["name"] == "market1501"
     assert record["dataset"]["image_size"] == [64, 32] and record["dataset"]["num_query"] == 3
@@ -105,13 +116,13 @@ def test_the_leaderboard_says_where_a_cross_dataset_row_was_trained(tmp_path):
     from reidbench.leaderboard import results_table
 
     record = {
-        "attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "protocol": {"version": "v1"},
+        "attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "protocol": {"version": "v2"},
         "model": {"id": "m", "backbone": "resnet18", "defense": {"name": "none"}, "train_dataset": {"name": "synthetic"}},
         "dataset": {"name": "market1501", "split_hash": "abc"}, "attack": {"name": "m-ifgsm"},
         "clean": {"rank1": 0.3, "mAP": 0.2}, "attacked": {"rank1": 0.1, "mAP": 0.05, "mINP": 0.01},
         "perturbation": {"eps": 5 / 255}, "sanity_flags": [],
     }
-    folder = tmp_path / "results" / "v1" / "market1501" / "m"
+    folder = tmp_path / "results" / "v2" / "market1501" / "m"
     folder.mkdir(parents=True)
     (folder / "m-ifgsm-eps5.json").write_text(json.dumps(record))
     assert list(results_table(tmp_path / "results")["train_dataset"]) == ["synthetic"]
@@ -147,7 +158,7 @@ def test_transfer_images_are_crafted_once_per_run_and_shared_by_every_target(tin
     original = inner.perturb
     monkeypatch.setattr(inner, "perturb", lambda self, model, queries, ctx: crafted.append(len(queries))
                         or original(self, model, queries, ctx))
-    runner = Runner(zoo, results_root=tmp_path / "results", protocol=Protocol("v1", raw), device="cpu",
+    runner = Runner(zoo, results_root=tmp_path / "results", protocol=Protocol("v2", raw), device="cpu",
                     train_missing=False, rerank=False, progress=False)
     paths = runner.run([zoo["tiny-cs"], zoo["tiny-jpeg"]], ["transfer"])
     assert sum(crafted) == len(runner.bundle(zoo["tiny-cs"]).split.query)  # for the first target only

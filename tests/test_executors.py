@@ -156,7 +156,7 @@ def test_ray_and_local_runs_write_identical_results(local_ray, tiny_zoo_file, tm
     assert len(ray_paths) == 4
     ray_cells, local_cells = comparable(tmp_path / "ray"), comparable(tmp_path / "local")
     assert ray_cells == local_cells
-    rrp = ray_cells["v1/synthetic/tiny-grid-rrp/sma-eps5.json"]
+    rrp = ray_cells["v2/synthetic/tiny-grid-rrp/sma-eps5.json"]
     assert rrp["model"]["stochastic"] and rrp["attack"]["eot_samples"] == 10
 
     # The store is shared: a second Ray run finds every cell done and rewrites nothing.
@@ -166,7 +166,7 @@ def test_ray_and_local_runs_write_identical_results(local_ray, tiny_zoo_file, tm
 
 
 def test_cells_the_protocol_does_not_define_are_neither_planned_nor_submitted(tiny_zoo_file, tmp_path, monkeypatch):
-    """Protocol v1 fixes no transfer surrogate for video data: a video entry needs no surrogate
+    """Protocol v2 fixes no transfer surrogate for video data: a video entry needs no surrogate
     and its transfer cells are skipped, while its other cells run."""
     video = {**yaml.safe_load(tiny_zoo_file.read_text())[0], "id": "tiny-video",
              "dataset": {"name": "synthetic-vi", "preset": "tiny"}, "model": {"input_size": [32, 16], "video": {}}}

@@ -193,12 +193,13 @@ class RecordingHfApi:
 
 
 def a_result_cell(results: Path, model_id: str) -> None:
-    record = {"attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "protocol": {"version": "v1"},
+    record = {"attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "protocol": {"version": "v2"},
               "model": {"id": model_id, "backbone": "resnet10t", "defense": {"name": "none"}},
               "dataset": {"name": "synthetic", "split_hash": "abc"}, "attack": {"name": "m-ifgsm"},
-              "clean": {"rank1": 0.9, "mAP": 0.8}, "attacked": {"rank1": 0.125, "mAP": 0.05, "mINP": 0.01},
+              "clean": {"rank1": 0.9, "mAP": 0.8},
+              "attacked": {"rank1": 0.125, "mAP": 0.05, "mINP": 0.01, "ci95": {"rank1": [0.1, 0.15]}},
               "sanity_flags": []}
-    folder = results / "v1" / "synthetic" / model_id
+    folder = results / "v2" / "synthetic" / model_id
     folder.mkdir(parents=True)
     (folder / "m-ifgsm-eps5.json").write_text(json.dumps(record))
 
@@ -239,7 +240,7 @@ def test_push_uploads_safetensors_and_a_model_card_then_pull_gets_them_back(tmp_
     assert "library_name: reidbench" in card and "A model trained elsewhere" in card
     assert "recipe: {epochs: 7, batch: {p: 4, k: 2}, lr: 0.0002}" in card
     assert digest in card and "not written by reidbench's training loop" in card
-    assert "| synthetic | m-ifgsm-eps5 | white-box | 90.0 | 80.0 | 12.5 | 5.0 |" in card
+    assert "| synthetic | m-ifgsm-eps5 | white-box | 90.0 | 80.0 | 12.5 ± 2.5 | 5.0 |" in card
 
     # The printed weights line pins the upload: pulled back, it loads into the entry's model.
     cache_file(hub_cache, "me/m1", REVISION, "model.safetensors", files["model.safetensors"])

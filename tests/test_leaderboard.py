@@ -37,7 +37,7 @@ def _record(model="m-none", attack="m-ifgsm", threat="white-box", eps255=5, pert
             defense="none", **extra) -> dict:
     record = {
         "schema": 1, "input_key": "k", "attack_id": f"{attack}-eps{eps255}", "threat_model": threat, "perturbed": perturbed,
-        "protocol": {"version": "v1", "fingerprint": "f"},
+        "protocol": {"version": "v2", "fingerprint": "f"},
         "model": {"id": model, "backbone": "resnet18", "defense": {"name": defense}, "weights_sha256": "ab" * 32,
                   "recipe": {"epochs": 30}, "model": {"input_size": [64, 32]}, "train_dataset": {"name": "synthetic"}},
         "dataset": {"name": "synthetic", "split_hash": "s1", "num_query": NUM_QUERY},
@@ -55,7 +55,7 @@ def _record(model="m-none", attack="m-ifgsm", threat="white-box", eps255=5, pert
 
 
 def _write(root: Path, record: dict, seed: int = 0, per_query=True) -> Path:
-    path = cell_path(root, "v1", record["dataset"]["name"], record["model"]["id"], record["attack_id"])
+    path = cell_path(root, "v2", record["dataset"]["name"], record["model"]["id"], record["attack_id"])
     write_cell(path, record, _outcomes(seed) if per_query else None)
     return path
 
@@ -94,7 +94,7 @@ def test_render_is_a_pure_function_of_the_results(results, tmp_path):
     assert {"index.html", "cells.csv", "cells.json", "assets/site.js", "assets/site.css",
             "models/m-none.html", "models/m-at.html"} <= set(first)
     # Re-rendering into the same folder after a model is gone removes its page.
-    for path in (results / "v1/synthetic/m-at").iterdir():
+    for path in (results / "v2/synthetic/m-at").iterdir():
         path.unlink()
     render_site(results, tmp_path / "a")
     assert not (tmp_path / "a/models/m-at.html").exists()
@@ -153,7 +153,7 @@ def test_html_in_model_id_and_footnote_renders_as_text_and_file_names_are_safe(t
                                            "footnote": "<img src=x onerror=alert(2)>",
                                            "clean": {"rank1": 0.95, "mAP": 0.9}, "attacked": {"rank1": 0.5, "mAP": 0.4}})
     root = tmp_path / "results"
-    folder = root / "v1/synthetic/evil"
+    folder = root / "v2/synthetic/evil"
     folder.mkdir(parents=True)
     write_cell(folder / "m-ifgsm-eps5.json", record, _outcomes(0))
     site = tmp_path / "site"
@@ -188,7 +188,7 @@ def test_reported_numbers_have_their_own_columns_and_never_enter_a_worst_case(re
 
 def test_malformed_results_are_reported_once_each_and_skipped(results, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("REIDBENCH_QUIET", "0")
-    folder = results / "v1/synthetic/m-none"
+    folder = results / "v2/synthetic/m-none"
     (folder / "broken.json").write_text("{not json")
     _write(results, _record(model="bad-number", attacked={"rank1": "high", "mAP": 0.1}))
     _write(results, _record(model="bad-claim", reported={"source": "x", "attacked": {"mAP": 1.5}}))
@@ -217,9 +217,9 @@ def test_model_page_has_every_cell_a_robustness_plot_an_example_and_provenance(r
     assert row["attacked_reranked.mAP"] == pytest.approx(0.25) and row["clean.mAP"] == pytest.approx(0.8)
     assert 'href="m-none.csv"' in page and 'href="m-none.json"' in page
     # a thumbnail that is not base64 never reaches the page
-    record = json.loads((results / "v1/synthetic/m-none/m-ifgsm-eps5.json").read_text())
+    record = json.loads((results / "v2/synthetic/m-none/m-ifgsm-eps5.json").read_text())
     record["example"]["thumbnails"]["query"] = '" onerror="alert(1)'
-    (results / "v1/synthetic/m-none/m-ifgsm-eps5.json").write_text(json.dumps(record))
+    (results / "v2/synthetic/m-none/m-ifgsm-eps5.json").write_text(json.dumps(record))
     render_site(results, tmp_path / "site")
     assert "onerror" not in (tmp_path / "site/models/m-none.html").read_text()
 
@@ -234,7 +234,7 @@ def test_runner_records_a_compact_example(tiny_zoo_file, tiny_model, tmp_path):
 
     zoo = load_zoo(tiny_zoo_file)
     raw = load_protocol().raw  # two iterations are enough to check what is recorded
-    protocol = Protocol("v1", {**raw, "perturbation": {**raw["perturbation"], "iterations": 2}})
+    protocol = Protocol("v2", {**raw, "perturbation": {**raw["perturbation"], "iterations": 2}})
     runner = Runner(zoo, results_root=tmp_path / "results", protocol=protocol, device="cpu", train_missing=False,
                     rerank=False, progress=False)
     paths = runner.run([zoo["tiny-none"]], ["m-fgsm", "m-ifgsm-gallery"])
@@ -284,3 +284,139 @@ def test_browser_sorts_a_column_and_follows_a_model_link(results, tmp_path):
     assert report["model"]["svgs"] == 2 and report["model"]["hits"] + report["model"]["misses"] == 20
     assert report["screenshot"] and screenshot.stat().st_size > 10_000
     print(f"screenshot: {screenshot}")
+
+
+# --- protocol v2: intervals, consistent worst cases, versions apart -------------------------------
+def test_every_number_carries_its_interval(results, tmp_path):
+    from reidbench.metrics import metric_intervals, rank1_variance_interval
+
+    index = render_site(results, tmp_path / "site").read_text()
+    cells = results_table(results)
+    cell = cells[(cells["model"] == "m-none") & (cells["attack"] == "sma-eps5")].iloc[0]
+    # These records predate stored intervals: they come from the per-query file, seeded.
+    outcomes = _outcomes(2)
+    expected = metric_intervals(outcomes["attacked_first_hit"], QUERY_PIDS, outcomes["attacked_ap"])
+    assert (cell["rank1_lo"], cell["rank1_hi"]) == pytest.approx(tuple(expected["rank1"]))
+    assert (cell["mAP_lo"], cell["mAP_hi"]) == pytest.approx(tuple(expected["mAP"]))
+    assert (cell["var_lo"], cell["var_hi"]) == pytest.approx(
+        tuple(rank1_variance_interval(outcomes["attacked_first_hit"], QUERY_PIDS)))
+    assert np.isnan(cell["mINP_lo"]) and np.isnan(cell["rr_rank1_lo"])  # not in an old per-query file
+
+    white = json.loads((tmp_path / "site/tables/synthetic-eps5-white-box.json").read_text())
+    keys = [c["key"] for c in white["columns"]]
+    assert keys[keys.index("worst.mAP"):keys.index("worst.mAP") + 3] == ["worst.mAP", "worst.mAP.lo", "worst.mAP.hi"]
+    for row in white["rows"]:  # (the fixture's summary numbers are not its per-query files')
+        for key in ("worst.rank1", "worst.mAP", "var.worst"):
+            assert row[f"{key}.lo"] <= row[key] + 1e-6 and row[key] <= row[f"{key}.hi"] + 1e-6, (row["model"], key)
+    none = next(r for r in white["rows"] if r["model"] == "m-none")
+    assert (none["sma-eps5.mAP.lo"], none["sma-eps5.mAP.hi"]) == pytest.approx((cell["mAP_lo"], cell["mAP_hi"]), abs=1e-6)
+    assert none["clean.rank1.lo"] == none["clean.rank1.hi"] == 1.0  # every clean query of the files hits
+    half = 100 * (none["worst.mAP.hi"] - none["worst.mAP.lo"]) / 2
+    assert f"{100 * none['worst.mAP']:.1f} ± {half:.1f}" in index
+    with open(tmp_path / "site/tables/synthetic-eps5-summary.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    assert {"standardized.mAP.lo", "standardized.mAP.hi", "var.worst.lo"} <= set(header)
+
+
+def test_stored_intervals_are_used_and_checked(tmp_path):
+    root = tmp_path / "results"
+    attacked = {"rank1": 0.15, "rank5": 0.5, "rank10": 0.6, "mAP": 0.3, "mINP": 0.1,
+                "ci95": {"rank1": [0.05, 0.25], "mAP": [0.2, 0.4], "mINP": [0.05, 0.2]},
+                "per_identity": {"rank1_var": 100.0, "rank1_var_ci95": [50.0, 300.0]}}
+    _write(root, _record(attacked=attacked))
+    cell = results_table(root).iloc[0]
+    assert (cell["mINP_lo"], cell["mINP_hi"], cell["var_lo"], cell["var_hi"]) == (0.05, 0.2, 50.0, 300.0)
+    _write(root, _record(model="bad-interval", attacked={**attacked, "ci95": {"mAP": [0.4, 0.2]}}))
+    assert list(results_table(root)["model"]) == ["m-none"]  # a reversed interval is a malformed record
+
+
+def _weights(record: dict, sha: str) -> dict:
+    return {**record, "model": {**record["model"], "weights_sha256": sha}}
+
+
+def test_worst_case_refuses_mixed_weights(tmp_path):
+    root = tmp_path / "results"
+    _write(root, _weights(_record(attack="m-ifgsm"), "aa" * 32), seed=1)
+    _write(root, _weights(_record(attack="sma"), "bb" * 32), seed=2)
+    cells = results_table(root)
+    worst = worst_case(cells)
+    assert worst["rank1"] is None and worst["mAP"] is None  # one cell each: no telling which is current
+    assert worst["stale"] == ["m-ifgsm-eps5", "sma-eps5"]
+
+    # With a third cell on the new weights, the two of them make the worst case; the old one
+    # is listed, and the numbers are exactly those of the two consistent cells.
+    _write(root, _weights(_record(attack="fna"), "bb" * 32), seed=3)
+    cells = results_table(root)
+    worst = worst_case(cells)
+    assert worst["stale"] == ["m-ifgsm-eps5"] and worst["attacks"] == 2
+    current = worst_case(cells[cells["attack"] != "m-ifgsm-eps5"])
+    assert worst["mAP"] == current["mAP"] and worst["rank1"] == current["rank1"]
+    a, b = _outcomes(2), _outcomes(3)
+    assert worst["mAP"] == pytest.approx(np.minimum(a["attacked_ap"], b["attacked_ap"]).mean())
+    render_site(root, tmp_path / "site")
+    summary = json.loads((tmp_path / "site/tables/synthetic-eps5-summary.json").read_text())
+    assert "stale cells, left out of the worst case" in summary["rows"][0]["flags"]
+    assert "m-ifgsm-eps5" in summary["rows"][0]["flags"]
+
+    # Another split or another protocol fingerprint is stale in the same way.
+    for changed in ({"dataset": {"name": "synthetic", "split_hash": "s2", "num_query": NUM_QUERY}},
+                    {"protocol": {"version": "v2", "fingerprint": "other"}}):
+        folder = tmp_path / f"r-{len(changed)}-{list(changed)[0]}"
+        _write(folder, _record(attack="sma"), seed=2)
+        _write(folder, _record(attack="fna"), seed=3)
+        _write(folder, _record(attack="m-ifgsm", **changed), seed=1)
+        assert worst_case(results_table(folder))["stale"] == ["m-ifgsm-eps5"]
+
+
+def test_black_box_beating_white_box_on_rank1_alone_is_flagged(tmp_path):
+    from reidbench.leaderboard import cross_cell_flags
+
+    root = tmp_path / "results"
+    white = {"rank1": 0.4, "rank5": 0.5, "rank10": 0.6, "mAP": 0.3, "mINP": 0.1}
+    _write(root, _record(attack="m-ifgsm", attacked=white))
+    _write(root, _record(attack="transfer", threat="transfer", attacked={**white, "rank1": 0.2, "mAP": 0.35}))
+    assert cross_cell_flags(results_table(root)) == ["black-box-beats-white-box (Rank-1)"]
+    _write(root, _record(attack="transfer", threat="transfer", attacked={**white, "rank1": 0.45, "mAP": 0.35}))
+    assert cross_cell_flags(results_table(root)) == []
+
+
+def test_reranked_numbers_under_attack_are_labelled_non_adaptive(results, tmp_path):
+    index = render_site(results, tmp_path / "site").read_text()
+    page = json.loads((tmp_path / "site/models/m-none.json").read_text())
+    groups = {c["key"]: c["group"] for c in page["columns"]}
+    assert groups["attacked_reranked.mAP"] == "attacked, re-ranked: non-adaptive"
+    assert "non-adaptive" in page["note"]
+    assert "re-ranked" not in " ".join(groups[k] for k in groups if not k.startswith(("attacked_reranked", "clean_reranked")))
+    for table in (tmp_path / "site/tables").glob("*.json"):  # headline and worst-case tables hold none
+        assert not any("rerank" in c["key"] for c in json.loads(table.read_text())["columns"])
+    assert "non-adaptive" in index
+    assert not results_table(results)["rr_adaptive"].any()
+
+
+def test_v1_and_v2_results_render_apart_with_a_note(results, tmp_path):
+    old = _record(model="m-old", mAP=0.9, protocol={"version": "v1", "fingerprint": "f1"})
+    write_cell(cell_path(results, "v1", "synthetic", "m-old", old["attack_id"]), old, _outcomes(9))
+    site = tmp_path / "site"
+    index = render_site(results, site).read_text()
+    assert "m-old" not in index and "m-none" in index
+    assert 'href="protocol-v1/index.html"' in index and "rendered apart" in index
+    old_index = (site / "protocol-v1/index.html").read_text()
+    assert "m-old" in old_index and "m-none" not in old_index
+    assert "not the protocol of the main leaderboard (v2)" in old_index and 'href="../index.html"' in old_index
+    assert (site / "protocol-v1/models/m-old.html").is_file() and (site / "protocol-v1/assets/site.css").is_file()
+    assert "ordered by gallery index" in old_index and "ranks after it" in index
+    assert not (site / "models/m-old.html").exists()
+    # Once the v1 cells are gone, their pages go too.
+    for path in (results / "v1/synthetic/m-old").iterdir():
+        path.unlink()
+    (results / "v1/synthetic/m-old").rmdir(), (results / "v1/synthetic").rmdir(), (results / "v1").rmdir()
+    assert "protocol-v1" not in render_site(results, site).read_text()
+    assert not (site / "protocol-v1").exists()
+
+
+def test_a_version_this_package_does_not_ship_renders_apart(results, tmp_path):
+    record = _record(model="m-future", protocol={"version": "v9", "fingerprint": "f9"})
+    write_cell(cell_path(results, "v9", "synthetic", "m-future", record["attack_id"]), record, _outcomes(4))
+    site = tmp_path / "site"
+    assert 'href="protocol-v9/index.html"' in render_site(results, site).read_text()
+    assert "does not ship protocol v9" in (site / "protocol-v9/index.html").read_text()

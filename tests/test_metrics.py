@@ -13,12 +13,16 @@ from reidbench.errors import ReIDBenchError
 from reidbench.metrics import RankResult, evaluate_rank, pairwise_distance
 
 
-def brute_force_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, ap):
+def brute_force_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, ap, ties="pessimistic"):
     """Textbook Market-1501 evaluation, one query at a time (no shortcuts)."""
     distmat = np.asarray(distmat, dtype=np.float64)
     per_ap, per_inp, first_hits = [], [], []
     for q in range(distmat.shape[0]):
-        order = np.argsort(distmat[q], kind="stable")  # ties -> lower gallery index first
+        if ties == "pessimistic":
+            # by distance, then negatives (False) before positives (True)
+            order = np.lexsort((np.asarray(g_pids) == q_pids[q], distmat[q]))
+        else:
+            order = np.argsort(distmat[q], kind="stable")  # ties -> lower gallery index first
         ranked = []
         for g in order:
             if g_pids[g] == -1:
@@ -52,6 +56,7 @@ def brute_force_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, ap):
         "mAP": np.nansum(per_ap) / n_valid,
         "mINP": np.nansum(per_inp) / n_valid,
         "per_query_ap": np.array(per_ap),
+        "per_query_inp": np.array(per_inp),
         "first_hit": first_hits,
         "valid": valid,
     }
@@ -84,34 +89,37 @@ def assert_matches(result: RankResult, expected):
     assert result.mAP == pytest.approx(expected["mAP"], abs=1e-12)
     assert result.mINP == pytest.approx(expected["mINP"], abs=1e-12)
     np.testing.assert_allclose(result.per_query_ap.numpy(), expected["per_query_ap"], atol=1e-12)
+    np.testing.assert_allclose(result.per_query_inp.numpy(), expected["per_query_inp"], atol=1e-12)
     np.testing.assert_array_equal(result.per_query_first_hit.numpy(), expected["first_hit"])
     np.testing.assert_array_equal(result.valid_query.numpy(), expected["valid"])
     assert result.num_valid == int(expected["valid"].sum())
 
 
+@pytest.mark.parametrize("ties", ["pessimistic", "index"])
 @pytest.mark.parametrize("ap", ["noninterp", "trapezoid"])
 @pytest.mark.parametrize("seed", range(60))
-def test_matches_brute_force(seed, ap):
+def test_matches_brute_force(seed, ap, ties):
     dist, qp, gp, qc, gc, max_rank = random_case(seed)
-    expected = brute_force_rank(dist, qp, gp, qc, gc, max_rank, ap)
+    expected = brute_force_rank(dist, qp, gp, qc, gc, max_rank, ap, ties)
     if not expected["valid"].any():
         with pytest.raises(ReIDBenchError, match="no query has a valid match"):
-            evaluate_rank(dist, qp, gp, qc, gc, max_rank=max_rank, ap=ap)
+            evaluate_rank(dist, qp, gp, qc, gc, max_rank=max_rank, ap=ap, ties=ties)
         return
     chunk = int(np.random.default_rng(seed).integers(1, 6))  # several query chunks
-    result = evaluate_rank(dist, qp, gp, qc, gc, max_rank=max_rank, ap=ap, chunk=chunk)
+    result = evaluate_rank(dist, qp, gp, qc, gc, max_rank=max_rank, ap=ap, ties=ties, chunk=chunk)
     assert result.cmc.shape == (max_rank,)
     assert_matches(result, expected)
 
 
+@pytest.mark.parametrize("ties", ["pessimistic", "index"])
 @pytest.mark.parametrize("seed", range(0, 60, 4))
-def test_torch_kernels_match_brute_force(seed, monkeypatch):
+def test_torch_kernels_match_brute_force(seed, ties, monkeypatch):
     # The batched torch path (what runs on an accelerator), exercised on the CPU.
     monkeypatch.setattr(rank_module, "NUMPY_KERNELS", False)
     dist, qp, gp, qc, gc, max_rank = random_case(seed)
-    expected = brute_force_rank(dist, qp, gp, qc, gc, max_rank, "noninterp")
+    expected = brute_force_rank(dist, qp, gp, qc, gc, max_rank, "noninterp", ties)
     if expected["valid"].any():
-        assert_matches(evaluate_rank(dist, qp, gp, qc, gc, max_rank=max_rank, chunk=3), expected)
+        assert_matches(evaluate_rank(dist, qp, gp, qc, gc, max_rank=max_rank, ties=ties, chunk=3), expected)
 
 
 def test_larger_problem_with_heavy_ties():
@@ -124,8 +132,9 @@ def test_larger_problem_with_heavy_ties():
     gc = rng.integers(0, 4, G)
     dist = np.round(rng.random((Q, G)), 2)
     for ap in ("noninterp", "trapezoid"):
-        expected = brute_force_rank(dist, qp, gp, qc, gc, 50, ap)
-        assert_matches(evaluate_rank(dist, qp, gp, qc, gc, ap=ap), expected)
+        for ties in ("pessimistic", "index"):
+            expected = brute_force_rank(dist, qp, gp, qc, gc, 50, ap, ties)
+            assert_matches(evaluate_rank(dist, qp, gp, qc, gc, ap=ap, ties=ties), expected)
 
 
 @pytest.mark.parametrize("where", ["first", "last", "spread"])
@@ -145,7 +154,9 @@ def test_positives_early_or_late_in_long_rows(where):
     elif where == "last":
         dist[same] += 0.5
     for ap in ("noninterp", "trapezoid"):
-        assert_matches(evaluate_rank(dist, qp, gp, qc, gc, ap=ap), brute_force_rank(dist, qp, gp, qc, gc, 50, ap))
+        for ties in ("pessimistic", "index"):
+            assert_matches(evaluate_rank(dist, qp, gp, qc, gc, ap=ap, ties=ties),
+                           brute_force_rank(dist, qp, gp, qc, gc, 50, ap, ties))
 
 
 def test_hand_computed_example():
@@ -160,8 +171,9 @@ def test_hand_computed_example():
     # Trapezoid AP = 1/2 * ((0 + 1/2)/2 + (1/3 + 2/4)/2) = 1/3.
     # Query 1 (pid 3) has no match in the gallery and is skipped.
     # Query 2 (pid 2, camera 0): g1 is its only positive, tied at d .30 with g2 (a
-    # negative with a higher index, so g1 goes first) but behind distractor g4 (d .10):
-    # first hit at rank 1, AP = INP = 1/2, trapezoid AP = (0/1 + 1/2) / 2 = 1/4.
+    # negative with a higher index, so the index tie-break puts g1 first) and behind
+    # distractor g4 (d .10): first hit at rank 1, AP = INP = 1/2, trapezoid AP =
+    # (0/1 + 1/2) / 2 = 1/4. Pessimistic ties put g2 first: rank 2, AP = INP = 1/3.
     distmat = torch.tensor(
         [
             [0.10, 0.20, 0.30, 0.05, 0.40, 0.50],
@@ -173,7 +185,7 @@ def test_hand_computed_example():
     q_cams = [0, 0, 0]
     g_pids = [1, 2, 1, -1, 0, 1]
     g_cams = [0, 1, 1, 1, 2, 2]
-    r = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=4)
+    r = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=4, ties="index")
     assert r.per_query_first_hit.tolist() == [1, -1, 1]
     assert r.valid_query.tolist() == [True, False, True]
     assert r.num_valid == 2
@@ -183,18 +195,51 @@ def test_hand_computed_example():
     assert r.mAP == pytest.approx(0.5)
     assert r.mINP == pytest.approx(0.5)
     assert r.cmc.tolist() == [0.0, 1.0, 1.0, 1.0]
-    t = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=4, ap="trapezoid")
+    t = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=4, ap="trapezoid", ties="index")
     assert t.per_query_ap[0].item() == pytest.approx(1 / 3)
     assert t.per_query_ap[2].item() == pytest.approx(0.25)
+    p = evaluate_rank(distmat, q_pids, g_pids, q_cams, g_cams, max_rank=4)
+    assert p.per_query_first_hit.tolist() == [1, -1, 2]
+    assert p.per_query_ap[0].item() == pytest.approx(0.5)  # query 0 has no tie
+    assert p.per_query_ap[2].item() == pytest.approx(1 / 3)
+    assert p.per_query_inp[2].item() == pytest.approx(1 / 3)
+    assert p.cmc.tolist() == [0.0, 0.5, 1.0, 1.0]
 
     # The index tie-break on its own: positive g1 and negative g2 both at d .30, nothing
     # closer; g1 has the lower index and wins. Swapping the gallery order flips it.
     tie = torch.tensor([[0.9, 0.3, 0.3]])
-    r = evaluate_rank(tie, [2], [5, 2, 3], [0], [1, 1, 1])
+    r = evaluate_rank(tie, [2], [5, 2, 3], [0], [1, 1, 1], ties="index")
     assert r.per_query_first_hit.tolist() == [0]
-    r = evaluate_rank(tie[:, [0, 2, 1]], [2], [5, 3, 2], [0], [1, 1, 1])
+    r = evaluate_rank(tie[:, [0, 2, 1]], [2], [5, 3, 2], [0], [1, 1, 1], ties="index")
     assert r.per_query_first_hit.tolist() == [1]
     assert r.per_query_ap[0].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("numpy_kernels", [True, False])
+def test_pessimistic_ties_by_hand(numpy_kernels, monkeypatch):
+    monkeypatch.setattr(rank_module, "NUMPY_KERNELS", numpy_kernels)
+    # Positive g1 and negative g2 both at d .30: the positive goes second whatever the
+    # gallery order, so the index no longer decides.
+    tie = torch.tensor([[0.9, 0.3, 0.3]])
+    for order, pids in (([0, 1, 2], [5, 2, 3]), ([0, 2, 1], [5, 3, 2])):
+        r = evaluate_rank(tie[:, order], [2], pids, [0], [1, 1, 1])
+        assert r.per_query_first_hit.tolist() == [1]
+        assert r.per_query_ap[0].item() == pytest.approx(0.5)
+    # Two positives (pid 7) and three negatives, all at d .2, after one closer negative: the
+    # positives take positions 4 and 5 (AP = (1/5 + 2/6) / 2, INP = 2/6), and the
+    # distractor (pid 0) at the same distance counts as a negative like any other.
+    d = torch.tensor([[0.2, 0.2, 0.1, 0.2, 0.2, 0.2]])
+    r = evaluate_rank(d, [7], [7, 0, 4, 7, 9, 4], [0], [1, 1, 1, 2, 1, 1], max_rank=6)
+    assert r.per_query_first_hit.tolist() == [4]
+    assert r.per_query_ap[0].item() == pytest.approx((1 / 5 + 2 / 6) / 2)
+    assert r.mINP == pytest.approx(2 / 6)
+    assert r.cmc.tolist() == [0, 0, 0, 0, 1, 1]
+    # Junk (pid -1) and the same-camera entry at the tied distance are removed, not negatives;
+    # a positive at +inf is last among the valid entries.
+    d = torch.tensor([[0.2, 0.2, 0.2, math.inf, 0.1]])
+    r = evaluate_rank(d, [7], [-1, 7, 7, 7, 3], [0], [1, 0, 1, 1, 1], max_rank=3)
+    assert r.per_query_first_hit.tolist() == [1]
+    assert r.per_query_ap[0].item() == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
 def test_input_types_and_dtypes_agree():

@@ -170,7 +170,7 @@ def test_the_runner_evaluates_and_attacks_an_onnx_entry_like_its_torch_original(
     argv = ["run", "--model", "tiny-none", "tiny-onnx", "--zoo", str(zoo), "--results", str(results),
             "--site", str(tmp_path / "site"), "--device", "cpu", "--attack", "m-fgsm", "--no-rerank", "--no-train"]
     assert main(argv) == 0
-    torch_cell, onnx_cell = (json.loads((results / f"v1/synthetic/{m}/m-fgsm-eps5.json").read_text())
+    torch_cell, onnx_cell = (json.loads((results / f"v2/synthetic/{m}/m-fgsm-eps5.json").read_text())
                              for m in ("tiny-none", "tiny-onnx"))
     assert onnx_cell["clean"]["mAP"] == pytest.approx(torch_cell["clean"]["mAP"], abs=1e-6)
     assert onnx_cell["attacked"]["mAP"] == pytest.approx(torch_cell["attacked"]["mAP"], abs=0.02)

@@ -236,14 +236,14 @@ def test_the_runner_scores_and_records_a_video_cell(tmp_path, capsys):
     argv = ["run", "--model", "tiny-vi", "--attack", "m-fgsm", "--zoo", str(zoo), "--results", str(results),
             "--site", str(tmp_path / "site"), "--device", "cpu", "--no-rerank"]
     assert main(argv) == 0
-    record = json.loads((results / "v1/synthetic-vi/tiny-vi/m-fgsm-eps5.json").read_text())
+    record = json.loads((results / "v2/synthetic-vi/tiny-vi/m-fgsm-eps5.json").read_text())
     assert record["attacked"]["rank1"] is not None and set(record["example"]["thumbnails"]) >= {"query", "query_attacked"}
 
-    # Protocol v1 fixes no video surrogate: the grid skips the transfer cells (saying so), a
+    # Protocol v2 fixes no video surrogate: the grid skips the transfer cells (saying so), a
     # named transfer attack is a one-line error before any work.
     runner = Runner(load_zoo(zoo), results_root=results, device="cpu", rerank=False, progress=False)
     assert runner.run([runner.zoo["tiny-vi"]], ["m-fgsm", "transfer", "dmr"]) == [
-        results / "v1/synthetic-vi/tiny-vi/m-fgsm-eps5.json"]
+        results / "v2/synthetic-vi/tiny-vi/m-fgsm-eps5.json"]
     assert main(argv[:4] + ["transfer"] + argv[5:]) == 2
-    assert "cannot run 'transfer' on model 'tiny-vi': protocol v1 fixes no transfer surrogate for dataset " \
+    assert "cannot run 'transfer' on model 'tiny-vi': protocol v2 fixes no transfer surrogate for dataset " \
            "'synthetic-vi'" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from reidbench.validate import choose_subset, committed_subset, subset_file, sub
 from reidbench.zoo import load_zoo, sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-CELL = "v1/synthetic/{}/m-ifgsm-eps5.json"
+CELL = "v2/synthetic/{}/m-ifgsm-eps5.json"
 
 
 def pinned_zoo(path: Path, base: dict, weights: Path, sha256: str) -> Path:
@@ -32,15 +32,15 @@ def pinned_zoo(path: Path, base: dict, weights: Path, sha256: str) -> Path:
 
 
 def protocol_with_eot(samples: int) -> Protocol:
-    """Protocol v1 with fewer EOT draws, to keep the stochastic cases fast."""
+    """Protocol v2 with fewer EOT draws, to keep the stochastic cases fast."""
     raw = json.loads(json.dumps(load_protocol().raw))
     raw["adaptive"]["eot_samples"] = samples
-    return Protocol("v1", raw)
+    return Protocol("v2", raw)
 
 
 @pytest.fixture(scope="module")
 def submission(tiny_model, tiny_zoo_file, tmp_path_factory):
-    """Honest results of the pinned tiny model (protocol v1) and of its rrp variant (under
+    """Honest results of the pinned tiny model (protocol v2) and of its rrp variant (under
     ``protocol_with_eot(2)``), as `reidbench run` writes them."""
     root = tmp_path_factory.mktemp("submission")
     weights = root / "model.safetensors"
@@ -97,7 +97,7 @@ def test_a_stochastic_defense_without_eot_is_rejected(submission, results):
            progress=False).run([zoo["tiny-pinned-rrp"]], ["m-fgsm"])
     verdict = validate_entry("tiny-pinned-rrp", zoo, results, device="cpu", protocol=protocol_with_eot(2))
     assert not verdict.accepted
-    assert any("m-fgsm-eps5.json: stochastic defense attacked without EOT (eot_samples 1, protocol v1 needs 2)" in r
+    assert any("m-fgsm-eps5.json: stochastic defense attacked without EOT (eot_samples 1, protocol v2 needs 2)" in r
                for r in verdict.reasons), verdict.reasons
 
 
@@ -167,8 +167,8 @@ def test_unknown_entry_is_a_one_line_error(submission, capsys):
 
 
 def test_committed_subsets_follow_their_rule(tiny_split):
-    content = json.loads(subset_file("v1").read_text())
-    assert committed_subset(tiny_split, "v1") == choose_subset(tiny_split, content["n"], content["seed"])
+    content = json.loads(subset_file("v2").read_text())
+    assert committed_subset(tiny_split, "v2") == choose_subset(tiny_split, content["n"], content["seed"])
     for split_hash, item in content["splits"].items():
         queries = item["queries"]
         assert queries == sorted(set(queries)) and len(queries) <= content["n"] and queries[-1] < item["num_query"]
@@ -196,7 +196,7 @@ def test_zoo_changed_lists_new_changed_borrowing_and_resubmitted_entries(tiny_zo
     entries[0]["recipe"] = {**entries[0]["recipe"], "epochs": 31}  # a's weights change, so b's numbers do
     entries.append({**base, "id": "e"})
     zoo.write_text(yaml.safe_dump(entries, sort_keys=False))
-    cell = tmp_path / "submissions" / "v1" / "synthetic" / "d" / "m-ifgsm-eps5.json"
+    cell = tmp_path / "submissions" / "v2" / "synthetic" / "d" / "m-ifgsm-eps5.json"
     cell.parent.mkdir(parents=True)
     cell.write_text("{}")
     git(tmp_path, "add", ".")

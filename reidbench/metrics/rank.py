@@ -4,7 +4,10 @@ Protocol (Zheng et al., "Scalable Person Re-identification: A Benchmark", ICCV 2
 implemented by torchreid and fast-reid): for each query the gallery entries with the
 query's pid *and* camera are removed, entries with pid -1 are junk and removed, every other
 entry (distractors with pid 0 included) stays; a query with no positive left is skipped.
-The ranking is by distance, ties broken by gallery index (a stable sort).
+The ranking is by distance. A positive and a negative at exactly the same distance are
+ordered pessimistically by default (the negative first: a tie is not a success, and the
+re-split's gallery is sorted by identity, so the index would favour whichever identity
+comes first); ``ties="index"`` is protocol v1's stable sort by gallery index.
 
 CMC, AP and INP (Ye et al., "Deep Learning for Person Re-identification: A Survey and
 Outlook", TPAMI 2021) depend only on where the positives land in that ranking. The j-th
@@ -15,9 +18,10 @@ gallery; the ``n_j`` are counts of values below thresholds, which a sorted copy 
 row's valid negatives answers with two binary searches per positive (strictly below, and
 equal). Only the values are sorted -- SIMD-fast in NumPy, unlike an argsort that drags
 an index array along -- and when the last positive is early in the row only the prefix
-below it. An exact tie between a positive and a valid negative is the one case where the
-index tie-break matters; the "equal" count detects it and those few pairs are resolved
-exactly.
+below it. Pessimistic ties need nothing more: ``n_j`` is the count below plus the count
+equal. Under the index tie-break an exact tie between a positive and a valid negative is
+the one case where the index matters; the "equal" count detects it and those few pairs are
+resolved exactly.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ..errors import ReIDBenchError
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 AP_CONVENTIONS = ("noninterp", "trapezoid")
+TIE_RULES = ("pessimistic", "index")
 
 # Query rows per chunk are picked so that one chunk of the distance matrix is about this
 # big (it bounds the converted copy of half-precision or integer inputs); the per-query
@@ -95,6 +100,7 @@ class RankResult:
     per_query_first_hit: torch.Tensor
     valid_query: torch.Tensor
     num_valid: int
+    per_query_inp: Optional[torch.Tensor] = None  # NaN for skipped queries, like per_query_ap
 
 
 def as_tensor(x: ArrayLike) -> torch.Tensor:
@@ -274,6 +280,7 @@ def _evaluate_chunk(
     count: torch.Tensor,
     junk: torch.Tensor,
     ap: str,
+    ties: str,
     workers: _Workers,
     first_hit: torch.Tensor,
     ap_out: torch.Tensor,
@@ -313,8 +320,14 @@ def _evaluate_chunk(
 
     neg_before, neg_equal = _negatives_below(Dc, rows, pd, same, count, n_pos, junk, workers)
     neg_before = neg_before.to(Dc.device)
-    tied = real & (neg_equal.to(Dc.device) > 0)
-    if bool(tied.any()):
+    neg_equal = neg_equal.to(Dc.device)
+    if ties == "pessimistic":
+        # Every tied negative goes first. At a +inf threshold the "equal" count also holds
+        # the row's masked (+inf) entries; capping at the row's number of valid negatives
+        # (all of which are <= +inf) removes them.
+        n_neg = (G - junk.numel() - count)[:, None]
+        neg_before = torch.minimum(neg_before + neg_equal, n_neg)
+    elif bool((tied := real & (neg_equal > 0)).any()):
         tr, tj = torch.nonzero(tied, as_tuple=True)
         neg_before[tr, tj] += _tie_before(Dc, tr, pd[tr, tj], pc[tr, tj], qp[tr], gp)
 
@@ -344,13 +357,15 @@ def evaluate_rank(
     max_rank: int = 50,
     ap: str = "noninterp",
     *,
+    ties: str = "pessimistic",
     chunk: Optional[int] = None,
 ) -> RankResult:
     """CMC, mAP and mINP of a (Q, G) query-gallery distance matrix (smaller = closer).
 
     Market-1501 protocol (Zheng et al., ICCV 2015): same pid + same camera entries and pid
     -1 junk are removed per query, distractors (pid 0) stay as negatives, queries without a
-    valid positive are skipped; ties in distance are broken by gallery index.
+    valid positive are skipped. ``ties="pessimistic"`` ranks a positive after every negative
+    at the same distance (protocol v2); ``ties="index"`` orders them by gallery index (v1).
 
     ``ap="noninterp"`` is the usual non-interpolated AP (mean precision at each hit);
     ``ap="trapezoid"`` is the official Market-1501 MATLAB code's AP, which averages the
@@ -363,6 +378,8 @@ def evaluate_rank(
     """
     if ap not in AP_CONVENTIONS:
         raise ReIDBenchError(f"unknown AP convention '{ap}' (known: {', '.join(AP_CONVENTIONS)})")
+    if ties not in TIE_RULES:
+        raise ReIDBenchError(f"unknown tie rule '{ties}' (known: {', '.join(TIE_RULES)})")
     if isinstance(max_rank, bool) or int(max_rank) != max_rank or max_rank < 1:
         raise ReIDBenchError(f"max_rank must be a positive integer, got {max_rank!r}")
     max_rank = int(max_rank)
@@ -396,7 +413,7 @@ def evaluate_rank(
             r1 = min(Q, r0 + rows_per_chunk)
             _evaluate_chunk(
                 D[r0:r1], wdt, qp[r0:r1], qc[r0:r1], gp, gc, gallery,
-                q_start[r0:r1], q_count[r0:r1], junk, ap, workers,
+                q_start[r0:r1], q_count[r0:r1], junk, ap, ties, workers,
                 first_hit[r0:r1], ap_q[r0:r1], inp_q[r0:r1],
             )
 
@@ -416,4 +433,5 @@ def evaluate_rank(
         per_query_first_hit=first_hit.cpu(),
         valid_query=valid_query.cpu(),
         num_valid=num_valid,
+        per_query_inp=inp_q.cpu(),
     )
