@@ -329,6 +329,8 @@ def cmd_run(args) -> int:
                     run_cell(entry, attack)
     except TimeoutError:
         log(f"budget reached with {clock.left:.0f} s left; stopping with the cells done so far")
+    except KeyboardInterrupt:  # the wrapper's timeout: finished cells and epochs are on disk
+        log(f"interrupted after {clock.elapsed:.0f} s; the table holds the cells finished so far")
     timings["cells_done"] = done_cells
     timings["elapsed_s"] = round(clock.elapsed, 1)
     (out / "timings.json").write_text(json.dumps(timings, indent=1))
