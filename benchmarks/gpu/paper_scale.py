@@ -49,6 +49,7 @@ MODELS = [
 #: attacks run right after each model is trained (the defense table's columns), then the rest
 #: of the grid, model by model, while time is left
 FIRST = ["m-mifgsm", "sma", "fna", "lta", "oblivious"]
+TOY_EPOCHS = 2
 TRAINING_SHARE = 0.55  # of what is left after the data and the throughput probe
 
 
@@ -176,9 +177,12 @@ def plan(args, clock: Clock, split, device: str) -> dict:
             # Half of DDID's share trains the DDPM; sampling (a few seconds at this size) and
             # the self-meta fine-tuning share the rest.
             entry["defense"]["ddpm_steps"] = max(10, int(0.5 * budget / ddpm_s))
+            if args.toy:
+                entry["defense"]["ddpm_steps"] = min(entry["defense"]["ddpm_steps"], 20)
             budget *= 0.4
         epochs = int(budget / max(seconds * steps_per_epoch, 1e-9))
-        entry["epochs"] = max(1, min(spec["paper_epochs"], epochs))
+        # a toy run checks the pipeline, not the numbers: a few epochs, whatever the probe says
+        entry["epochs"] = max(1, min(TOY_EPOCHS if args.toy else spec["paper_epochs"], epochs))
         planned[spec["name"]] = entry
         log(f"plan {spec['name']}: {seconds * 1000:.1f} ms/step x {steps_per_epoch} steps/epoch -> "
             f"{entry['epochs']} epochs" + (f", DDPM {entry['defense']['ddpm_steps']} steps" if spec["name"] == "ddid" else ""))
