@@ -189,8 +189,8 @@ def plan_graph(graph, name: str, opset: int, attributes_of, tensor_of, input_sha
                 values[out_name] = out
         if any(v.kind == "dynamic" for v in results):
             _check_batch(results, node_inputs, name, label)
-        kinds = {v.kind for v in results}
-        if "dynamic" in kinds or "shape" in kinds:
+        # Constants and batch-affine shapes need no step: a reader computes them (module.py).
+        if any(v.kind == "dynamic" for v in results):
             inputs_named = list(node.input)
             for k, given in enumerate(node_inputs):  # a rewritten input gets a name of its own
                 if given is not None and node.input[k] and given is not values.get(node.input[k]):
