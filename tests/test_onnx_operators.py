@@ -220,6 +220,22 @@ def test_a_graph_whose_batch_is_fixed_at_1_runs_at_any_batch(tmp_path, opset):
     assert graph(torch.rand(1, 3, H, W)).shape == (1, 5)
 
 
+def test_a_batch_1_transformer_graph_repeats_its_class_token_for_every_image(tmp_path):
+    """Patches to tokens through a literal [1, D, -1] Reshape, a constant class token of batch 1
+    concatenated in front, position embeddings, the tokens' mean (a stand-in for attention),
+    LayerNormalization, the class token out."""
+    tokens = (H // 2) * (W // 2)
+    nodes = [node("Conv", ["x", "patch"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             node("Reshape", ["p", "as_tokens"], ["t"]), node("Transpose", ["t"], ["tt"], perm=[0, 2, 1]),
+             node("Concat", ["cls", "tt"], ["z"], axis=1), node("Add", ["z", "pos"], ["zp"]),
+             node("ReduceMean", ["zp"], ["context"], axes=[1]), node("Add", ["zp", "context"], ["mixed"], name="mix"),
+             node("LayerNormalization", ["mixed", "g", "b"], ["n"]), node("Gather", ["n", "first"], axis=1)]
+    initializers = [weights("patch", 4, 3, 2, 2), ints("as_tokens", [1, 4, -1]), weights("cls", 1, 1, 4, seed=1),
+                    weights("pos", 1, tokens + 1, 4, seed=2), weights("g", 4, seed=3), weights("b", 4, seed=4),
+                    ints("first", 0)]
+    check(save(tmp_path, nodes, initializers, opset=17, batch=1), batch_fixed=True, batch=3)
+
+
 def test_batch_dependent_shape_arithmetic_is_folded_out_of_the_forward(tmp_path):
     path = save(tmp_path, CASES[[c[0] for c in CASES].index("reshape-shape-chain-opset13")][2],
                 CASES[[c[0] for c in CASES].index("reshape-shape-chain-opset13")][3])

@@ -216,6 +216,14 @@ def _slice(i, a):
     return [x.flip(flips) if flips else x]
 
 
+def _concat(i, a):
+    tensors = [t for t in i if t is not None]
+    if a.get("_broadcast_batch"):  # a batch-1 graph's constant (a class token) joins batched tensors
+        batch = max(t.shape[0] for t in tensors)
+        tensors = [t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t for t in tensors]
+    return [torch.cat(tensors, dim=int(a["axis"]))]
+
+
 def _split(i, a):
     x = i[0]
     axis = int(a.get("axis", 0)) % x.dim()
@@ -569,7 +577,7 @@ OPERATORS: dict[str, Callable] = {
     "Transpose": lambda i, a: [i[0].permute(*(a.get("perm") or reversed(range(i[0].dim()))))],
     "Squeeze": _squeeze,
     "Unsqueeze": _unsqueeze,
-    "Concat": lambda i, a: [torch.cat([t for t in i if t is not None], dim=int(a["axis"]))],
+    "Concat": _concat,
     "Split": _split,
     "Gather": _gather,
     "Slice": _slice,

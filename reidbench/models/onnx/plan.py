@@ -13,8 +13,9 @@ The graph runs once on dummy images at batch 1, 2 and 3 (three "worlds"). That d
   when ``c`` is 0;
 - makes a graph exported with its batch fixed at 1 run at any batch: a literal 1 in the batch
   position of a shape (``Reshape`` to ``[1, -1]``, ``Expand``, ``Resize`` sizes) becomes ``B``,
-  and a normalization over the batch axis (``MeanVarianceNormalization``'s default axes
-  0, 2, 3; ``ReduceMean`` over axis 0) leaves that axis out, as batch 1 meant;
+  a normalization over the batch axis (``MeanVarianceNormalization``'s default axes
+  0, 2, 3; ``ReduceMean`` over axis 0) leaves that axis out, as batch 1 meant, and a
+  constant with a batch of 1 concatenated to batched tensors (a class token) is repeated;
 - checks that each image's output does not depend on the other images of its batch (the
   first rows of world 3 must equal worlds 1 and 2), naming the first node that mixes them.
 """
@@ -117,6 +118,12 @@ def _mixes_batch(tensors: list[torch.Tensor]) -> bool:
 
 def _rebatch(op: str, inputs: list[Optional[Value]], attributes: dict) -> tuple[list, dict]:
     """Rewrite a batch-1 graph's node to mean "whatever the batch is" (see the module doc)."""
+    batched = [v for v in inputs if v is not None and v.kind == "dynamic" and v.batch_axis == 0]
+    if op == "Concat" and batched and int(attributes.get("axis", 0)) % len(batched[0].shape) != 0:
+        constant_row = any(v is not None and v.kind == "const" and v.const.dim() and v.const.shape[0] == 1
+                           for v in inputs)
+        if constant_row:
+            return inputs, {**attributes, "_broadcast_batch": True}
     data = inputs[0] if inputs else None
     if data is None or data.kind != "dynamic" or data.batch_axis != 0:
         return inputs, attributes
