@@ -13,9 +13,11 @@ The graph runs once on dummy images at batch 1, 2 and 3 (three "worlds"). That d
   when ``c`` is 0;
 - makes a graph exported with its batch fixed at 1 run at any batch: a literal 1 in the batch
   position of a shape (``Reshape`` to ``[1, -1]``, ``Expand``, ``Resize`` sizes) becomes ``B``,
-  a normalization over the batch axis (``MeanVarianceNormalization``'s default axes
-  0, 2, 3; ``ReduceMean`` over axis 0) leaves that axis out, as batch 1 meant, and a
-  constant with a batch of 1 concatenated to batched tensors (a class token) is repeated;
+  and a constant with a batch of 1 concatenated to batched tensors (a class token) is repeated;
+- in any graph, a normalization over the batch axis and others (``MeanVarianceNormalization``'s
+  default axes 0, 2, 3; ``ReduceMean`` over 0, 2, 3) leaves the batch axis out: an export at
+  batch 1 meant each image (onnxruntime, at batch B, would mix the images; image by image it
+  agrees);
 - checks that each image's output does not depend on the other images of its batch (the
   first rows of world 3 must equal worlds 1 and 2), naming the first node that mixes them.
 """
@@ -135,20 +137,30 @@ def _rebatch(op: str, inputs: list[Optional[Value]], attributes: dict) -> tuple[
             a[0], c[0] = 0, 1
             inputs = list(inputs)
             inputs[k] = Value("shape", worlds=[a + c * b for b in WORLDS], affine=(a, c))
-    if op == "MeanVarianceNormalization" or (op in _REDUCTIONS and attributes.get("keepdims", 1)):
-        rank = data.worlds[0].dim()
-        axes_input = op in _REDUCTIONS and len(inputs) > 1 and inputs[1] is not None
-        if axes_input and inputs[1].kind == "const":
-            axes = [int(v) % rank for v in inputs[1].const.tolist()]
-            if 0 in axes and len(axes) > 1:
-                inputs = list(inputs)
-                kept = torch.tensor([ax for ax in axes if ax != 0], dtype=inputs[1].const.dtype)
-                inputs[1] = Value("const", const=kept)
-        elif not axes_input:
-            default = [0, 2, 3] if op == "MeanVarianceNormalization" else list(range(rank))
-            axes = [int(v) % rank for v in attributes.get("axes", default)]
-            if 0 in axes and len(axes) > 1:
-                attributes = {**attributes, "axes": [ax for ax in axes if ax != 0]}
+    return inputs, attributes
+
+
+def _per_image(op: str, inputs: list[Optional[Value]], attributes: dict) -> tuple[list, dict]:
+    """A normalization over the batch axis and others is what an export at batch 1 leaves
+    (MVN's default axes are 0, 2, 3): it meant each image on its own, whatever the graph
+    declares, and an embedding that depended on the batch would make no sense to rank."""
+    data = inputs[0] if inputs else None
+    if data is None or data.kind != "dynamic" or data.batch_axis != 0:
+        return inputs, attributes
+    if not (op == "MeanVarianceNormalization" or (op in _REDUCTIONS and attributes.get("keepdims", 1))):
+        return inputs, attributes
+    rank = len(data.shape)
+    axes_input = op in _REDUCTIONS and len(inputs) > 1 and inputs[1] is not None
+    if axes_input and inputs[1].kind == "const":
+        axes = [int(v) % rank for v in inputs[1].const.tolist()]
+        if 0 in axes and len(axes) > 1:
+            inputs = list(inputs)
+            inputs[1] = Value("const", const=torch.tensor([ax for ax in axes if ax != 0], dtype=inputs[1].const.dtype))
+    elif not axes_input:
+        default = [0, 2, 3] if op == "MeanVarianceNormalization" else list(range(rank))
+        axes = [int(v) % rank for v in attributes.get("axes", default)]
+        if 0 in axes and len(axes) > 1:
+            attributes = {**attributes, "axes": [ax for ax in axes if ax != 0]}
     return inputs, attributes
 
 
@@ -188,6 +200,7 @@ def plan_graph(graph, name: str, opset: int, attributes_of, tensor_of, input_sha
         if missing:
             raise ReIDBenchError(f"ONNX model {name}: {label} uses '{missing[0]}', which no earlier node produces")
         node_inputs = [values[v] if v else None for v in node.input]
+        node_inputs, attributes = _per_image(node.op_type, node_inputs, attributes)
         if batch_one:
             node_inputs, attributes = _rebatch(node.op_type, node_inputs, attributes)
         results = _run_node(node.op_type, node_inputs, attributes, name, label)
