@@ -9,35 +9,14 @@ between opsets) and ``_outputs`` (how many outputs the node declares).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from ...errors import ReIDBenchError
-
-
-def _ints(t: Optional[torch.Tensor]) -> list[int]:
-    return [] if t is None else [int(v) for v in t.flatten().tolist()]
-
-
-def _floats(t: Optional[torch.Tensor]) -> list[float]:
-    return [] if t is None else [float(v) for v in t.flatten().tolist()]
-
-
-def _scalar(t: Optional[torch.Tensor], default: Optional[float]) -> Optional[float]:
-    return default if t is None or t.numel() == 0 else float(t.flatten()[0])
-
-
-def _input(i: list, k: int) -> Optional[torch.Tensor]:
-    """Optional input ``k``: None when the node omits it (short list or empty name)."""
-    return i[k] if len(i) > k else None
-
-
-def _axes(i: list, a: dict, k: int) -> list[int]:
-    """``axes`` given as input ``k`` (newer opsets) or as an attribute (older ones)."""
-    given = _input(i, k)
-    return _ints(given) if given is not None else list(a.get("axes", []))
+from .args import axes_of, ints, optional, scalar
+from .resize import resize
 
 
 def _pads(x: torch.Tensor, a: dict, kernel: list[int], strides: list[int], dilations: list[int]) -> tuple[list, list]:
@@ -72,7 +51,7 @@ def _window(a: dict, nd: int) -> tuple[list, list, list]:
 
 
 def _conv(i, a):
-    x, w, bias = i[0], i[1], _input(i, 2)
+    x, w, bias = i[0], i[1], optional(i, 2)
     nd = w.dim() - 2
     kernel, strides, dilations = list(w.shape[2:]), list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
     begin, end = _pads(x, a, kernel, strides, dilations)
@@ -117,7 +96,7 @@ def _reduce(fn: Callable, axes_input_from: int = 18) -> Callable:
     attribute before; no axes means all of them unless ``noop_with_empty_axes``."""
     def run(i, a):
         x = i[0]
-        axes = _axes(i, a, 1)
+        axes = axes_of(i, a, 1)
         if not axes:
             if a.get("noop_with_empty_axes", 0):
                 return [x]
@@ -135,7 +114,7 @@ def _mean_variance_normalization(i, a):
 
 
 def _layer_normalization(i, a):
-    x, scale, bias = i[0], i[1], _input(i, 2)
+    x, scale, bias = i[0], i[1], optional(i, 2)
     axis = int(a.get("axis", -1)) % x.dim()
     shape, eps = tuple(x.shape[axis:]), float(a.get("epsilon", 1e-5))
     exact = tuple(scale.shape) == shape and (bias is None or tuple(bias.shape) == shape)
@@ -152,7 +131,7 @@ def _layer_normalization(i, a):
 
 
 def _reshape(i, a):
-    x, shape = i[0], _ints(i[1])
+    x, shape = i[0], ints(i[1])
     if not a.get("allowzero", 0):
         shape = [x.shape[k] if s == 0 else s for k, s in enumerate(shape)]
     return [x.reshape(shape)]
@@ -166,7 +145,7 @@ def _flatten(i, a):
 
 def _unsqueeze(i, a):
     x = i[0]
-    axes = _axes(i, a, 1)
+    axes = axes_of(i, a, 1)
     rank = x.dim() + len(axes)
     for axis in sorted(ax % rank for ax in axes):
         x = x.unsqueeze(axis)
@@ -175,7 +154,7 @@ def _unsqueeze(i, a):
 
 def _squeeze(i, a):
     x = i[0]
-    axes = _axes(i, a, 1)
+    axes = axes_of(i, a, 1)
     if not axes:
         return [x.squeeze()]
     for axis in sorted((ax % x.dim() for ax in axes), reverse=True):
@@ -194,9 +173,9 @@ def _gather(i, a):
 def _slice(i, a):
     x = i[0]
     if len(i) > 1:  # opset >= 10: starts, ends, axes, steps are inputs
-        starts, ends = _ints(i[1]), _ints(i[2])
-        axes = _ints(i[3]) if _input(i, 3) is not None else list(range(len(starts)))
-        steps = _ints(i[4]) if _input(i, 4) is not None else [1] * len(starts)
+        starts, ends = ints(i[1]), ints(i[2])
+        axes = ints(i[3]) if optional(i, 3) is not None else list(range(len(starts)))
+        steps = ints(i[4]) if optional(i, 4) is not None else [1] * len(starts)
     else:
         starts, ends = list(a["starts"]), list(a["ends"])
         axes, steps = list(a.get("axes", range(len(starts)))), [1] * len(starts)
@@ -227,7 +206,7 @@ def _concat(i, a):
 def _split(i, a):
     x = i[0]
     axis = int(a.get("axis", 0)) % x.dim()
-    sizes = _ints(_input(i, 1)) or list(a.get("split", []))
+    sizes = ints(optional(i, 1)) or list(a.get("split", []))
     if not sizes:
         parts = int(a["_outputs"])
         chunk = -(-x.shape[axis] // parts)  # opset 18: the last part may be smaller
@@ -238,9 +217,9 @@ def _split(i, a):
 def _pad(i, a):
     x = i[0]
     mode = a.get("mode", "constant")
-    pads = _ints(i[1]) if len(i) > 1 else list(a.get("pads", a.get("paddings", [])))
-    value = _scalar(_input(i, 2), float(a.get("value", 0.0)))
-    axes = _ints(i[3]) if _input(i, 3) is not None else list(range(x.dim()))
+    pads = ints(i[1]) if len(i) > 1 else list(a.get("pads", a.get("paddings", [])))
+    value = scalar(optional(i, 2), float(a.get("value", 0.0)))
+    axes = ints(i[3]) if optional(i, 3) is not None else list(range(x.dim()))
     n = len(axes)
     begin, end = [0] * x.dim(), [0] * x.dim()
     for k, axis in enumerate(axes):
@@ -263,7 +242,7 @@ def _pad(i, a):
 
 
 def _gemm(i, a):
-    x, w, c = i[0], i[1], _input(i, 2)
+    x, w, c = i[0], i[1], optional(i, 2)
     x = x.t() if a.get("transA", 0) else x
     w = w.t() if a.get("transB", 0) else w
     y = float(a.get("alpha", 1.0)) * (x @ w)
@@ -280,7 +259,7 @@ def _div(i, a):
 
 
 def _clip(i, a):
-    x, low, high = i[0], _input(i, 1), _input(i, 2)
+    x, low, high = i[0], optional(i, 1), optional(i, 2)
     if low is None and high is None and len(i) == 1:  # opset < 11: bounds are attributes
         low, high = a.get("min"), a.get("max")
         return [torch.clamp(x, low, high)]
@@ -305,7 +284,7 @@ def _constant(i, a):
 
 def _constant_of_shape(i, a):
     value = a.get("value", torch.zeros(1))
-    return [torch.full(_ints(i[0]), value.flatten()[0].item(), dtype=value.dtype)]
+    return [torch.full(ints(i[0]), value.flatten()[0].item(), dtype=value.dtype)]
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "int64": torch.long,
@@ -351,11 +330,11 @@ def _where(i, a):
 
 
 def _tile(i, a):
-    return [i[0].repeat(_ints(i[1]))]
+    return [i[0].repeat(ints(i[1]))]
 
 
 def _expand(i, a):
-    x, shape = i[0], _ints(i[1])
+    x, shape = i[0], ints(i[1])
     return [x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(shape)))]
 
 
@@ -393,109 +372,6 @@ def _space_to_depth(i, a):
     n, c, h, w = x.shape
     y = x.reshape(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
     return [y.reshape(n, c * block ** 2, h // block, w // block)]
-
-
-# --- Resize / Upsample -------------------------------------------------------------------
-# One separable implementation with ONNX's coordinate arithmetic, so every mode and
-# coordinate transformation is exact (F.interpolate covers only some of them).
-
-def _source_coordinates(out_size: int, in_size: int, scale: float, mode: str) -> torch.Tensor:
-    dst = torch.arange(out_size, dtype=torch.float64)
-    if mode == "half_pixel":
-        return (dst + 0.5) / scale - 0.5
-    if mode == "pytorch_half_pixel":
-        return (dst + 0.5) / scale - 0.5 if out_size > 1 else torch.zeros(out_size, dtype=torch.float64)
-    if mode == "align_corners":
-        return dst * (in_size - 1) / (out_size - 1) if out_size > 1 else torch.zeros(out_size, dtype=torch.float64)
-    if mode == "asymmetric":
-        return dst / scale
-    if mode == "tf_half_pixel_for_nn":
-        return (dst + 0.5) / scale
-    if mode == "half_pixel_symmetric":
-        adjustment = out_size / (scale * in_size)
-        return in_size / 2 * (1 - adjustment) + (dst + 0.5) / scale - 0.5
-    raise ReIDBenchError(f"Resize coordinate_transformation_mode '{mode}' is not supported")
-
-
-def _nearest_index(src: torch.Tensor, mode: str, scale: float) -> torch.Tensor:
-    if mode == "simple":  # opset < 11: floor when enlarging, ceil when shrinking
-        mode = "ceil" if scale < 1 else "floor"
-    rounded = {"round_prefer_floor": lambda s: torch.ceil(s - 0.5), "round_prefer_ceil": lambda s: torch.floor(s + 0.5),
-               "floor": torch.floor, "ceil": torch.ceil}[mode](src)
-    return rounded.long()
-
-
-def _cubic_weights(t: torch.Tensor, coefficient: float) -> list[torch.Tensor]:
-    def kernel(d):
-        d = d.abs()
-        near = ((coefficient + 2) * d - (coefficient + 3)) * d * d + 1
-        far = ((coefficient * d - 5 * coefficient) * d + 8 * coefficient) * d - 4 * coefficient
-        return torch.where(d <= 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
-    return [kernel(t - k) for k in (-1, 0, 1, 2)]
-
-
-def _resize_axis(x: torch.Tensor, axis: int, out_size: int, scale: float, a: dict) -> torch.Tensor:
-    in_size = x.shape[axis]
-    src = _source_coordinates(out_size, in_size, scale, a["coordinate_transformation_mode"])
-    mode = a.get("mode", "nearest")
-    view = [1] * x.dim()
-    view[axis] = out_size
-
-    def taps(index):
-        return torch.index_select(x, axis, index.clamp(0, in_size - 1).to(x.device))
-
-    if mode == "nearest":
-        return taps(_nearest_index(src, a.get("nearest_mode", "round_prefer_floor"), scale))
-    if mode == "linear":
-        src = src.clamp(0, in_size - 1)
-        low = src.floor()
-        weight = (src - low).to(x.dtype).to(x.device).view(view)
-        low = low.long()
-        return torch.lerp(taps(low), taps(low + 1), weight)
-    if mode == "cubic":
-        low = src.floor()
-        weights = _cubic_weights(src - low, float(a.get("cubic_coeff_a", -0.75)))
-        indices = [low.long() + k for k in (-1, 0, 1, 2)]
-        if a.get("exclude_outside", 0):
-            weights = [w * ((ix >= 0) & (ix < in_size)) for w, ix in zip(weights, indices)]
-            total = sum(weights)
-            weights = [w / total for w in weights]
-        return sum(taps(ix) * w.to(x.dtype).to(x.device).view(view) for w, ix in zip(weights, indices))
-    raise ReIDBenchError(f"Resize mode '{mode}' is not supported")
-
-
-def _resize(i, a):
-    x = i[0]
-    opset = a["_opset"]
-    if a.get("antialias", 0):
-        raise ReIDBenchError("Resize with antialias is not supported")
-    a = dict(a)
-    if a["_op"] == "Upsample" or opset < 11:  # Upsample and Resize-10: asymmetric coordinates
-        a["coordinate_transformation_mode"], a["nearest_mode"] = "asymmetric", "simple"
-        scales = _floats(_input(i, 1)) or [float(s) for s in a.get("scales", [])]
-        sizes: list[int] = []
-    else:
-        a.setdefault("coordinate_transformation_mode", "half_pixel")
-        if a["coordinate_transformation_mode"] == "tf_crop_and_resize":
-            raise ReIDBenchError("Resize coordinate_transformation_mode 'tf_crop_and_resize' is not supported")
-        scales, sizes = _floats(_input(i, 2)), _ints(_input(i, 3))
-    if a.get("mode") == "bilinear":  # Upsample-7's name for it
-        a["mode"] = "linear"
-    axes = [ax % x.dim() for ax in a.get("axes", range(x.dim()))]
-    if sizes:
-        policy = a.get("keep_aspect_ratio_policy", "stretch")
-        ratios = [sizes[k] / x.shape[ax] for k, ax in enumerate(axes)]
-        if policy != "stretch":
-            common = (min if policy == "not_larger" else max)(ratios)
-            ratios = [common] * len(axes)
-            sizes = [int(math.floor(common * x.shape[ax] + 0.5)) for ax in axes]
-        scales = ratios
-    else:
-        sizes = [int(math.floor(x.shape[ax] * s)) for ax, s in zip(axes, scales)]
-    for ax, size, scale in zip(axes, sizes, scales):
-        if size != x.shape[ax] or scale != 1:
-            x = _resize_axis(x, ax, size, scale, a)
-    return [x]
 
 
 def _prod(x: torch.Tensor, axes: list[int], keep: bool) -> torch.Tensor:
@@ -587,8 +463,8 @@ OPERATORS: dict[str, Callable] = {
     "Cast": _cast,
     "Constant": _constant,
     "ConstantOfShape": _constant_of_shape,
-    "Resize": _resize,
-    "Upsample": _resize,
+    "Resize": resize,
+    "Upsample": resize,
     "DepthToSpace": _depth_to_space,
     "SpaceToDepth": _space_to_depth,
     "ArgMax": _arg(torch.argmax),
