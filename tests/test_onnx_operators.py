@@ -178,6 +178,43 @@ CASES = [
     ("pooling-opset10", 10,
      [node("MaxPool", ["x"], ["m"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
       node("AveragePool", ["m"], kernel_shape=[2, 2], pads=[0, 0, 1, 1], count_include_pad=0)], [], True),
+    ("elementwise-opset13", 13,
+     [node("Abs", ["x"], ["a"]), node("Add", ["a", "tenth"], ["b"]), node("Sqrt", ["b"], ["c"]),
+      node("Log", ["c"], ["d"]), node("Exp", ["d"], ["e"]), node("Reciprocal", ["e"], ["f"]),
+      node("Tanh", ["f"], ["g"]), node("Max", ["g", "x", "tenth"], ["h"]), node("Min", ["h", "x"], ["k"]),
+      node("Sum", ["k", "g", "x"], ["m"]), node("Mean", ["m", "f"], ["n"]), node("Selu", ["n"], ["o"]),
+      node("Softsign", ["o"], ["p"]), node("Pow", ["p", "two"], ["q"]), node("Div", ["q", "b"], ["r"]),
+      node("Cast", ["r"], ["r64"], to=TensorProto.DOUBLE),
+      node("Cast", ["r64"], ["r32"], name="back_to_float", to=TensorProto.FLOAT),
+      node("Dropout", ["r32"], ["s"]), node("Identity", ["s"], ["t"]), node("Neg", ["t"], ["u"]),
+      node("LeakyRelu", ["u"], ["v"], alpha=0.2), node("Sigmoid", ["v"], ["w"]), node("Sub", ["w", "x"])],
+     [const("tenth", 0.1), const("two", 2.0)], True),
+    ("reductions-opset13", 13,
+     [node("ReduceMax", ["x"], ["a"], axes=[2, 3]), node("ReduceMin", ["x"], ["b"], axes=[2, 3]),
+      node("ReduceL1", ["x"], ["c"], axes=[2, 3]), node("ReduceSumSquare", ["x"], ["d"], axes=[2, 3]),
+      node("ReduceLogSumExp", ["x"], ["e"], axes=[2, 3]), node("ReduceProd", ["x"], ["f"], axes=[3]),
+      node("ReduceMean", ["f"], ["g"], axes=[2]), node("GlobalMaxPool", ["x"], ["h"]),
+      node("GlobalAveragePool", ["x"], ["k"]), node("Concat", ["a", "b", "c", "d", "e", "g", "h", "k"], axis=1)],
+     [], True),
+    ("normalizations-opset13", 13,
+     [node("InstanceNormalization", ["x", "s", "b"], ["i"], epsilon=1e-3), node("LpNormalization", ["i"], ["l"], axis=1),
+      node("Unsqueeze", ["l", "last"], ["q"]), node("Squeeze", ["q", "last"], ["u"]),
+      node("Gather", ["u", "picks"], ["g"], axis=1), node("Transpose", ["g"], ["t"], perm=[0, 1, 3, 2]),
+      node("Reshape", ["t", "back"])],
+     [weights("s", 3), weights("b", 3, seed=1), ints("last", [4]), ints("picks", [2, 0, 2]),
+      ints("back", [0, 3, H, W])], True),
+    ("constant-of-shape-range-opset13", 13,
+     [node("Shape", ["x"], ["shape"]), node("ConstantOfShape", ["shape"], ["ones"],
+                                            value=numpy_helper.from_array(np.array([0.5], dtype=np.float32))),
+      node("Range", ["start", "limit", "delta"], ["r"]), node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+      node("Mul", ["x", "rf"], ["xr"]), node("Add", ["xr", "ones"], ["xo"], name="shift"),
+      node("Equal", ["r", "three"], ["eq"]),
+      node("Not", ["eq"], ["ne"]), node("Less", ["x", "half"], ["lt"]), node("Where", ["ne", "xo", "x"], ["w"]),
+      node("Where", ["lt", "w", "xo"], ["ww"], name="second_where"), node("Floor", ["ww"], ["fl"]), node("Ceil", ["ww"], ["ce"]),
+      node("Add", ["fl", "ce"], ["fc"], name="rounded"), node("Mul", ["fc", "tiny"], ["small"], name="scaled"),
+      node("Add", ["ww", "small"])],
+     [ints("start", 0), ints("limit", W), ints("delta", 1), ints("three", 3), const("half", 0.5),
+      const("tiny", 1e-3)], True),
     ("argmax-opset13", 13, [node("ArgMax", ["x"], ["i"], axis=1), node("Cast", ["i"], to=TensorProto.FLOAT)], [],
      False),
 ]
@@ -235,6 +272,18 @@ def test_a_batch_1_transformer_graph_repeats_its_class_token_for_every_image(tmp
                     weights("pos", 1, tokens + 1, 4, seed=2), weights("g", 4, seed=3), weights("b", 4, seed=4),
                     ints("first", 0)]
     check(save(tmp_path, nodes, initializers, opset=17, batch=1), batch_fixed=True, batch=3)
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_a_batch_1_graph_that_squeezes_its_batch_away_keeps_it(tmp_path, opset):
+    squeeze = node("Squeeze", ["p"], ["s"]) if opset < 13 else node("Squeeze", ["p", "axes"], ["s"])
+    path = save(tmp_path, [node("GlobalAveragePool", ["x"], ["p"]), squeeze, node("Mul", ["s", "s"])],
+                [ints("axes", [0, 2, 3])] if opset >= 13 else [], opset=opset, batch=1)
+    graph = load_onnx_model(path, {"input_size": [H, W]}).graph
+    x = torch.rand(4, 3, H, W)
+    expected = np.stack([runtime(path, x[k:k + 1].numpy(), per_image=False) for k in range(4)])
+    assert expected.shape == (4, 3)  # each image's run gives a vector of 3: the batch squeezed away
+    assert np.abs(graph(x).numpy() - expected).max() < 1e-5
 
 
 def test_batch_dependent_shape_arithmetic_is_folded_out_of_the_forward(tmp_path):

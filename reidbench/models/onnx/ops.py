@@ -154,7 +154,12 @@ def _unsqueeze(i, a):
 
 def _squeeze(i, a):
     x = i[0]
-    axes = axes_of(i, a, 1)
+    if "_kept_batch_axes" in a:  # a batch-1 graph's Squeeze, rewritten not to drop the batch
+        axes = a["_kept_batch_axes"]
+        if not axes:
+            return [x]
+    else:
+        axes = axes_of(i, a, 1)
     if not axes:
         return [x.squeeze()]
     for axis in sorted((ax % x.dim() for ax in axes), reverse=True):

@@ -13,7 +13,8 @@ The graph runs once on dummy images at batch 1, 2 and 3 (three "worlds"). That d
   when ``c`` is 0;
 - makes a graph exported with its batch fixed at 1 run at any batch: a literal 1 in the batch
   position of a shape (``Reshape`` to ``[1, -1]``, ``Expand``, ``Resize`` sizes) becomes ``B``,
-  and a constant with a batch of 1 concatenated to batched tensors (a class token) is repeated;
+  a ``Squeeze`` keeps the batch axis, and a constant with a batch of 1 concatenated to
+  batched tensors (a class token) is repeated;
 - in any graph, a normalization over the batch axis and others (``MeanVarianceNormalization``'s
   default axes 0, 2, 3; ``ReduceMean`` over 0, 2, 3) leaves the batch axis out: an export at
   batch 1 meant each image (onnxruntime, at batch B, would mix the images; image by image it
@@ -129,6 +130,17 @@ def _rebatch(op: str, inputs: list[Optional[Value]], attributes: dict) -> tuple[
     data = inputs[0] if inputs else None
     if data is None or data.kind != "dynamic" or data.batch_axis != 0:
         return inputs, attributes
+    if op == "Squeeze":  # squeezing the batch of 1 away: keep it, whatever it is
+        given = inputs[1] if len(inputs) > 1 and inputs[1] is not None else None
+        if given is None and "axes" not in attributes:
+            axes = [k for k, size in enumerate(data.shape) if size == 1 and k != 0]
+        elif given is None:
+            axes = [int(ax) % len(data.shape) for ax in attributes["axes"] if int(ax) % len(data.shape) != 0]
+        elif given.kind == "const":
+            axes = [int(ax) % len(data.shape) for ax in given.const.tolist() if int(ax) % len(data.shape) != 0]
+        else:
+            return inputs, attributes
+        return [data], {**attributes, "_kept_batch_axes": axes}
     k = _SHAPE_INPUTS.get(op)
     if k is not None and len(inputs) > k and inputs[k] is not None and inputs[k].kind == "const":
         shape = inputs[k].const
