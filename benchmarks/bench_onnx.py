@@ -145,6 +145,8 @@ def measure(name: str, size, batches, repeats: int, threads: int) -> list[dict]:
     from reidbench.models.onnx_import import load_onnx_model
 
     native = build(name, size).requires_grad_(False)  # attacks need input gradients only, as converted weights
+    # The converter runs CPU convolutions channels-last: so can a torch user, and that is timed too.
+    native_nhwc = build(name, size).requires_grad_(False).to(memory_format=torch.channels_last)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         dynamic, batch_one = Path(folder) / "dynamic.onnx", Path(folder) / "batch1.onnx"
@@ -182,7 +184,9 @@ def measure(name: str, size, batches, repeats: int, threads: int) -> list[dict]:
                 error = max(float((converted(x) - reference).abs().max()),
                             float((converted_b1(x) - reference).abs().max()),
                             float(np.abs(run_ort(x) - reference.numpy()).max()))
-            fns = {"native": forward(native), "converted": forward(converted), "converted-b1": forward(converted_b1),
+            nhwc = x.contiguous(memory_format=torch.channels_last)
+            fns = {"native": forward(native), "native-nhwc": lambda _: forward(native_nhwc)(nhwc),
+                   "converted": forward(converted), "converted-b1": forward(converted_b1),
                    "onnxruntime": run_ort, "native-grad": forward_backward(native),
                    "converted-grad": forward_backward(converted)}
             times: dict[str, list[float]] = {k: [] for k in fns}
@@ -199,14 +203,15 @@ def measure(name: str, size, batches, repeats: int, threads: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| net | batch | native torch | converted | converted (batch-1 export) | onnxruntime | "
-             "converted / native | converted / onnxruntime | native fwd+bwd | converted fwd+bwd | "
-             "max abs diff |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| net | batch | native torch | native, channels-last | converted | converted (batch-1 export) | "
+             "onnxruntime | converted / native | converted / native channels-last | converted / onnxruntime | "
+             "native fwd+bwd | converted fwd+bwd | max abs diff |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(
-            f"| {r['net']} | {r['batch']} | {r['native']:.2f} | {r['converted']:.2f} | {r['converted-b1']:.2f} | "
-            f"{r['onnxruntime']:.2f} | {r['converted'] / r['native']:.2f}x | {r['converted'] / r['onnxruntime']:.2f}x | "
+            f"| {r['net']} | {r['batch']} | {r['native']:.2f} | {r['native-nhwc']:.2f} | {r['converted']:.2f} | "
+            f"{r['converted-b1']:.2f} | {r['onnxruntime']:.2f} | {r['converted'] / r['native']:.2f}x | "
+            f"{r['converted'] / r['native-nhwc']:.2f}x | {r['converted'] / r['onnxruntime']:.2f}x | "
             f"{r['native-grad']:.2f} | {r['converted-grad']:.2f} | {r['max_abs_diff']:.1e} |")
     return "\n".join(lines)
 

@@ -74,7 +74,7 @@ def convert_onnx_graph(proto, name: str, spec: dict) -> OnnxGraph:
         raise ReIDBenchError(f"ONNX model {name} takes {channels}-channel images; reidbench's images are RGB")
     image = [*expected, 3] if nhwc else [3, *expected]
     plan = plan_graph(graph, name, _default_opset(proto), _attributes, _tensor, [1, *image], spec.get("output"))
-    return OnnxGraph(plan, tuple(image), name)
+    return OnnxGraph(plan, tuple(image), name, channels_first=not nhwc)
 
 
 def load_onnx_model(path: Path | str, spec: Optional[dict] = None, **options: Any) -> OnnxReIDModel:

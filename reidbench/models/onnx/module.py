@@ -75,6 +75,8 @@ class ConvStep(_Step):
         self.conv.weight.copy_(weight)
         if bias is not None:
             self.conv.bias.copy_(bias)
+        if nd == 2:  # the layout the forward runs in on a CPU (see OnnxGraph.forward)
+            self.conv.weight.data = self.conv.weight.data.contiguous(memory_format=torch.channels_last)
 
     def fold_batch_norm(self, scale, shift, mean, var, epsilon: float) -> None:
         """Merge a following inference BatchNormalization into the weights and bias."""
@@ -82,7 +84,7 @@ class ConvStep(_Step):
         weight = self.conv.weight.double() * factor.double().view(-1, *[1] * (self.conv.weight.dim() - 1))
         bias = self.conv.bias.double() if self.conv.bias is not None else torch.zeros_like(mean, dtype=torch.float64)
         bias = (bias - mean.double()) * factor.double() + shift.double()
-        self.conv.weight.copy_(weight.float())
+        self.conv.weight.copy_(weight.float())  # in place: the weight keeps its memory layout
         if self.conv.bias is None:
             self.conv.bias = nn.Parameter(torch.empty_like(bias, dtype=torch.float32), requires_grad=False)
         self.conv.bias.copy_(bias.float())
@@ -109,9 +111,9 @@ class OnnxGraph(nn.Module):
     """A converted ONNX graph: images of the graph's own layout and range in, its output out,
     at any batch size (even when the file fixes the batch at 1)."""
 
-    def __init__(self, plan: Plan, image_shape: tuple[int, ...], name: str):
+    def __init__(self, plan: Plan, image_shape: tuple[int, ...], name: str, channels_first: bool = True):
         super().__init__()
-        self.name, self.image_shape = name, tuple(image_shape)
+        self.name, self.image_shape, self.channels_first = name, tuple(image_shape), channels_first
         self.input_name, self.output_name = plan.input_name, plan.output_name
         slots: dict[str, int] = {"@batch": _BATCH_SLOT, plan.input_name: _INPUT_SLOT}
         steps: list[_Step] = []
@@ -183,6 +185,10 @@ class OnnxGraph(nn.Module):
         if tuple(x.shape[1:]) != self.image_shape:
             raise ReIDBenchError(f"ONNX model {self.name} was converted for images of shape "
                                  f"{list(self.image_shape)} (after the batch), got {list(x.shape[1:])}")
+        if self.channels_first and x.dim() == 4 and x.device.type == "cpu":
+            # oneDNN's CPU convolutions run NHWC 15-25% faster (1x1 and depthwise above all)
+            # and keep the layout from one to the next; every operator reads either layout.
+            x = x.contiguous(memory_format=torch.channels_last)
         slots: list = [None] * self.slot_count
         slots[_BATCH_SLOT], slots[_INPUT_SLOT] = x.shape[0], x
         for step, (ins, outs, free) in zip(self.steps, self._program):
