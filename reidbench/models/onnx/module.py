@@ -5,7 +5,8 @@ slots: a convolution with constant weights is an ``nn.Conv*d`` (with a following
 BatchNormalization folded into it, as inference runtimes do), any other node calls its
 operator with its constant inputs bound once (floating-point ones as buffers, so ``.to``
 moves them), and shape arithmetic that depends on the batch is one ``a + c * B``. Nothing
-in a forward depends on the batch size but the kernels themselves.
+in a forward depends on the batch size but the kernels themselves. On a CPU the images run
+channels-last, the layout oneDNN's convolutions are fastest in.
 """
 
 from __future__ import annotations
