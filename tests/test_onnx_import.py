@@ -130,15 +130,15 @@ def test_more_operators_match_torch_in_value_and_gradient(tmp_path, opset):
 def test_an_unsupported_operator_is_one_line_naming_it(tmp_path):
     from onnx import TensorProto, helper
 
-    node = helper.make_node("Einsum", ["x", "x"], ["y"], name="fancy_einsum", equation="bchw,bchw->bc")
+    node = helper.make_node("GridSample", ["x", "x"], ["y"], name="fancy_warp")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
-    path = tmp_path / "einsum.onnx"
+    path = tmp_path / "warp.onnx"
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(ReIDBenchError) as info:
         load_onnx_model(path, {"input_size": [8, 4]})
     message = str(info.value)
-    assert "operator 'Einsum'" in message and "node 'fancy_einsum'" in message and "\n" not in message
+    assert "operator 'GridSample'" in message and "node 'fancy_warp'" in message and "\n" not in message
 
 
 def test_a_graph_of_another_input_size_or_a_broken_file_is_one_line(resnet_and_onnx, tmp_path):
@@ -175,3 +175,34 @@ def test_the_runner_evaluates_and_attacks_an_onnx_entry_like_its_torch_original(
     assert onnx_cell["clean"]["mAP"] == pytest.approx(torch_cell["clean"]["mAP"], abs=1e-6)
     assert onnx_cell["attacked"]["mAP"] == pytest.approx(torch_cell["attacked"]["mAP"], abs=0.02)
     assert onnx_cell["attacked"]["mAP"] < onnx_cell["clean"]["mAP"] - 0.05
+
+
+def test_the_python_api_takes_the_preprocessing_as_keywords(resnet_and_onnx, tmp_path):
+    model, _ = resnet_and_onnx
+    path = tmp_path / "bgr.onnx"
+    export(BGR255NHWC(model), torch.rand(2, 32, 16, 3), path)
+    imported = load_onnx_model(path, input_size=(32, 16), channel_order="BGR", value_range=255, layout="NHWC",
+                               mean=BGR255NHWC.mean.tolist(), std=BGR255NHWC.std.tolist())
+    x = torch.rand(2, 3, 32, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(imported(x), model(x), atol=1e-4, rtol=0)
+    with pytest.raises(ReIDBenchError, match="unknown option 'colour_order'"):
+        load_onnx_model(path, input_size=(32, 16), colour_order="BGR")
+    with pytest.raises(ReIDBenchError, match="must be RGB or BGR"):
+        load_onnx_model(path, input_size=(32, 16), channel_order="GBR")
+
+
+def test_a_converted_model_copies_and_refuses_images_of_another_size(resnet_and_onnx):
+    import copy
+
+    _, path = resnet_and_onnx
+    imported = load_onnx_model(path, {"input_size": [32, 16]})
+    twin = copy.deepcopy(imported)
+    for step in twin.graph.steps:  # the copy's weights are its own: changing them leaves the original
+        if hasattr(step, "conv"):
+            step.conv.weight.mul_(0)
+    x = torch.rand(2, 3, 32, 16)
+    with torch.no_grad():
+        assert not torch.allclose(imported(x), twin(x))
+    with pytest.raises(ReIDBenchError, match=r"converted for images of shape \[3, 32, 16\].*got \[3, 64, 32\]"):
+        imported(torch.rand(1, 3, 64, 32))
