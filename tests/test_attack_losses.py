@@ -151,7 +151,9 @@ def test_sma_needs_its_random_start_and_pushes_away_from_the_clean_feature(setti
     model, ctx, queries = setting
     attack = build_attack("sma", eps=EPS, step=STEP, iterations=1)
     batch = attack.prepare(model, queries, fresh(ctx))
-    assert attack.gradient(model, queries, batch).abs().max() == 0  # hence the random start
+    # zero up to float rounding (the clean feature is recomputed by other kernels under other
+    # thread counts: 4.5e-8 was seen with one thread), hence the random start
+    assert attack.gradient(model, queries, batch).abs().max() < 1e-6
     assert attack.describe()["random_start"] is True
     _, adv, feats, batch = run("sma", setting)
     assert ((feats * batch.query_feats).sum(1) < 0.9).all()
