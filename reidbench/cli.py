@@ -210,6 +210,57 @@ def cmd_zoo_changed(args) -> int:
     return 0
 
 
+def cmd_cache_verify(args) -> int:
+    from .cache import cache_dir, remove, verify_tree
+    from .results import iter_cells, per_query_problem
+
+    root = cache_dir()
+    checked = unchecked = 0
+    damaged = []
+    for path, problem in verify_tree(root):
+        if problem == "unchecked":
+            unchecked += 1
+        elif problem is not None:
+            damaged.append((path, problem))
+        checked += 1
+    if args.results:
+        for path, record in iter_cells(Path(args.results)):
+            checked += 1
+            problem = per_query_problem(path, record) if "per_query_file" in record else None
+            if problem is not None:
+                damaged.append((path.with_suffix(".npz"), problem))
+    for path, problem in damaged:
+        print(f"damaged\t{path}\t{problem}")
+        if args.delete:
+            remove(path)
+    print(f"{checked} files checked under {root}{' and ' + args.results if args.results else ''}: {len(damaged)} damaged"
+          f"{' (deleted; rebuilt when next needed)' if args.delete and damaged else ''}, "
+          f"{unchecked} written before size and hash were recorded")
+    return 1 if damaged else 0
+
+
+def cmd_cache_clean(args) -> int:
+    from .cache import cache_dir, remove
+
+    root = cache_dir()
+    if args.model:
+        from .zoo import get_entry, trained_weights_dir
+
+        zoo = _zoo(args)
+        targets = []
+        for model_id in args.model:
+            entry = get_entry(zoo, model_id)
+            # Every recipe this entry was ever trained with, not just today's.
+            targets += sorted(trained_weights_dir(entry).parent.glob(f"{entry.id}-*"))
+    else:
+        targets = sorted(root.iterdir()) if root.is_dir() else []
+    for path in targets:
+        remove(path)
+        print(f"removed\t{path}")
+    print(f"{len(targets)} cache entries removed from {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reidbench", description="Adversarial robustness benchmark for person re-identification")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -303,6 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--results", default="results", help="folder holding the submitted results (default: ./results)")
     common(val, results=False)
     val.set_defaults(func=cmd_validate)
+
+    cache = sub.add_parser("cache", help="the local cache ($REIDBENCH_CACHE, default ~/.cache/reidbench): verify, clean")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    verify = cache_sub.add_parser("verify", help="check every cached file against the size and sha256 recorded when "
+                                                 "it was written; exit 1 if any is damaged")
+    verify.add_argument("--delete", action="store_true", help="delete damaged files (each is rebuilt when next needed)")
+    verify.add_argument("--results", default=None, help="also check the per-query files of this result folder")
+    verify.set_defaults(func=cmd_cache_verify)
+    clean = cache_sub.add_parser("clean", help="delete the cache, or only the trained weights of some zoo entries")
+    clean.add_argument("--model", nargs="+", help="zoo model id(s) whose trained weights (every recipe) to delete")
+    clean.add_argument("--zoo", default=None)
+    clean.set_defaults(func=cmd_cache_clean)
 
     changed = zoo_sub.add_parser("changed", help="ids of the zoo entries a branch submits, one per line (for CI)")
     changed.add_argument("--base", default="origin/main", help="git ref of the base branch (default: origin/main)")

@@ -31,7 +31,7 @@ from .models import build_model, check_model_fits
 from .progress import log, progress_bar
 from .protocol import Protocol, load_protocol
 from .hardware import environment, resolve_device
-from .results import cell_path, read_cell, write_cell
+from .results import cell_intact, cell_path, read_cell, write_cell
 from .zoo import ZooEntry, load_weights, obtain_weights, sha256_file, training_entry
 
 
@@ -191,7 +191,7 @@ class Runner:
         key = self.input_key(bundle, attack)
         if not self.force and path.exists():
             previous = read_cell(path)
-            if previous is not None and previous.get("input_key") == key:
+            if previous is not None and previous.get("input_key") == key and cell_intact(path, previous):
                 return path
         started = time.time()
         feats = self.clean_features(bundle)

@@ -51,6 +51,7 @@ import numpy as np
 
 from .errors import ReIDBenchError
 from .protocol import Protocol, load_protocol
+from .cache import CorruptArtefact
 from .results import cell_path, read_cell, read_per_query
 
 DEFAULT_TOLERANCE = 3.0
@@ -164,7 +165,11 @@ def _record_reasons(path: Path, record: dict, bundle, runner, pinned: str) -> li
         if not npz.is_file():
             reasons.append(f"{name}: missing file {npz.name} (per-query outcomes)")
             return reasons
-        per_query = read_per_query(path)
+        try:
+            per_query = read_per_query(path, record)
+        except CorruptArtefact as exc:
+            reasons.append(f"{name}: {exc}")
+            return reasons
         for label in ("clean", "attacked"):
             if f"{label}_first_hit" not in per_query or label not in record:
                 reasons.append(f"{name}: no {label} outcomes in the record or in {npz.name}")
@@ -253,7 +258,10 @@ def validate_entry(entry_id: str, zoo: dict, results_root: Path, tolerance: floa
                                                      split.image_size, split.split_hash, split.info), bundle.weights_sha256)
     recomputed, _ = runner.score(sub, {"query": feats["query"][index], "gallery": feats["gallery"]}, adv_feats,
                                  feats["gallery"])
-    submitted = read_per_query(cell)
+    try:
+        submitted = read_per_query(cell)
+    except CorruptArtefact:
+        return verdict  # already a reason of the record's
     for label, title in (("clean", "clean"), ("attacked", VALIDATION_ATTACK)):
         claimed = summary_from_per_query(submitted, label, index)
         for metric, metric_title in (("rank1", "Rank-1"), ("mAP", "mAP")):

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from .errors import ReIDBenchError, first_line, unknown_name
 
-DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "model_zoo.yaml"
+#: the zoo shipped with the package (in a checkout, a symlink to the top-level model_zoo.yaml)
+DEFAULT_ZOO = Path(__file__).resolve().parent / "bundled" / "model_zoo.yaml"
 
 # field -> (accepted types, required)
 _ENTRY_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
@@ -67,7 +68,7 @@ class ZooEntry:
     suite: list = field(default_factory=lambda: ["default"])
     description: str = ""
     # relative weight paths are read from here; where the file lies is not part of the entry
-    zoo_dir: Path = field(default=DEFAULT_ZOO.parent, compare=False)
+    zoo_dir: Path = field(default=DEFAULT_ZOO.resolve().parent, compare=False)
 
     @property
     def is_onnx(self) -> bool:
@@ -162,9 +163,16 @@ def _check_entry(raw: Any, position: int, source: Path) -> ZooEntry:
     return entry
 
 
+def default_zoo_path() -> Path:
+    """The zoo used without ``--zoo``: ``./model_zoo.yaml`` when the working directory has one
+    (a user's own zoo, or the checkout's), else the one shipped with the package."""
+    local = Path("model_zoo.yaml")
+    return local if local.is_file() else DEFAULT_ZOO
+
+
 def load_zoo(path: Optional[str | Path] = None) -> dict[str, ZooEntry]:
     """Parse and check a zoo file; any problem is one ReIDBenchError naming entry and field."""
-    path = Path(path) if path else DEFAULT_ZOO
+    path = Path(path) if path else default_zoo_path()
     if not path.is_file():
         raise ReIDBenchError(f"model zoo file not found: {path}")
     try:
@@ -332,19 +340,39 @@ def existing_weights(entry: ZooEntry) -> Optional[Path]:
         return path
     if "repo" in entry.weights:
         return download_hub_weights(entry)
+    return intact_trained_weights(entry)
+
+
+def intact_trained_weights(entry: ZooEntry) -> Optional[Path]:
+    """The entry's cached trained weights, or None when there are none or they are damaged
+    (reported in one line and deleted, so that the entry is trained again)."""
+    from .cache import load_verified
+
     trained = trained_weights_file(entry)
-    return trained if trained.is_file() else None
+    return load_verified(trained, _readable_weights, "weights")
+
+
+def _readable_weights(path: Path) -> Path:
+    """``path`` when its safetensors header and data size are intact (raises otherwise)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        handle.metadata()
+    return path
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A checkpoint's tensors and (safetensors only) metadata. Torch pickles are read with
     ``weights_only=True``: a checkpoint from the internet must not be able to run code."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError) as exc:  # truncated or not safetensors at all
+            raise ReIDBenchError(f"cannot read weights {path}: {first_line(exc)}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:  # not a plain tensor checkpoint
@@ -444,7 +472,7 @@ def obtain_weights(entry: ZooEntry, split=None, train_missing: bool = True, devi
         from .progress import log
 
         log(f"{exc}; using weights trained locally from its recipe instead")
-        path = trained_weights_file(entry) if trained_weights_file(entry).is_file() else None
+        path = intact_trained_weights(entry)
         train_missing = True
     if path is not None:
         return path
