@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, results=True):
-        p.add_argument("--zoo", default=None, help="model zoo file (default: the repository's model_zoo.yaml)")
+        p.add_argument("--zoo", default=None, help="model zoo file (default: ./model_zoo.yaml if present, else the one shipped with reidbench)")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
         if results:
             p.add_argument("--results", default="results", help="result store folder (default: ./results)")
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attack", nargs="+", help="attack name(s) (default: the protocol's suite)")
     run.add_argument("--eps", nargs="+", type=float, help="budget(s) in 1/255 units (default: the protocol's primary ε)")
     run.add_argument("--dataset", default=None, help="evaluate on this dataset instead of each model's own (cross-dataset)")
-    run.add_argument("--site", default=None, help="where to render the leaderboard (default: leaderboard/site)")
+    run.add_argument("--site", default=None, help="where to render the leaderboard (default: ./leaderboard/site)")
     run.add_argument("--executor", choices=EXECUTORS, default="local",
                      help="local: every cell in this process (default); ray: cells as Ray tasks (pip install 'reidbench[ray]')")
     run.add_argument("--address", default=None,
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     changed = zoo_sub.add_parser("changed", help="ids of the zoo entries a branch submits, one per line (for CI)")
     changed.add_argument("--base", default="origin/main", help="git ref of the base branch (default: origin/main)")
-    changed.add_argument("--zoo", default=None, help="model zoo file (default: the repository's model_zoo.yaml)")
+    changed.add_argument("--zoo", default=None, help="model zoo file (default: ./model_zoo.yaml if present, else the one shipped with reidbench)")
     changed.add_argument("--results", default="submissions",
                          help="submitted result folder; entries whose files changed there count too (default: submissions)")
     changed.set_defaults(func=cmd_zoo_changed)

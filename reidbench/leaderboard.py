@@ -64,7 +64,11 @@ from .progress import log
 from .protocol import CURRENT_VERSION, load_protocol
 from .results import iter_cells, read_per_query
 
-LEADERBOARD_DIR = Path(__file__).resolve().parent.parent / "leaderboard"
+# Templates and assets ship inside the package (a symlink to the repository's leaderboard/ in a
+# checkout), so an installed reidbench renders without a clone.
+LEADERBOARD_DIR = Path(__file__).resolve().parent / "bundled" / "leaderboard"
+# The rendered site is the user's, like the results: relative to the working directory.
+DEFAULT_SITE = Path("leaderboard") / "site"
 
 # Table order of threat models; others follow alphabetically.
 THREAT_ORDER = {"white-box": 0, "adaptive": 1, "oblivious": 2, "transfer": 3, "query-based": 4}
@@ -714,7 +718,7 @@ def _prune(folder: Path, keep: set[Path]) -> None:
 
 def render_site(results_root: Path, out_dir: Path | None = None, protocol_version: str = CURRENT_VERSION) -> Path:
     """Render the site (see the module docstring) into ``out_dir``; returns the index path."""
-    out_dir = Path(out_dir) if out_dir else LEADERBOARD_DIR / "site"
+    out_dir = Path(out_dir) if out_dir else DEFAULT_SITE
     loaded = load_records(results_root, protocol_version)
     cells = _cells_frame([row for _, _, row in loaded])
     env = Environment(loader=FileSystemLoader(LEADERBOARD_DIR / "templates"), autoescape=select_autoescape(["html", "j2"]),
