@@ -55,6 +55,8 @@ def cmd_run(args) -> int:
         from .registry import DATASETS
 
         DATASETS.get(args.dataset)
+    if args.queries is not None and args.queries < 1:
+        raise ReIDBenchError(f"--queries must be a positive number of queries, got {args.queries}")
     if args.attack:
         # The protocol's grid skips cells it does not define; a named attack must run.
         from .runner import undefined_cell
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attack", nargs="+", help="attack name(s) (default: the protocol's suite)")
     run.add_argument("--eps", nargs="+", type=float, help="budget(s) in 1/255 units (default: the protocol's primary ε)")
     run.add_argument("--dataset", default=None, help="evaluate on this dataset instead of each model's own (cross-dataset)")
+    run.add_argument("--queries", type=int, default=None, metavar="N",
+                     help="evaluate a fixed, seeded subset of N queries (recorded; ranked apart from full runs)")
     run.add_argument("--site", default=None, help="where to render the leaderboard (default: ./leaderboard/site)")
     run.add_argument("--executor", choices=EXECUTORS, default="local",
                      help="local: every cell in this process (default); ray: cells as Ray tasks (pip install 'reidbench[ray]')")

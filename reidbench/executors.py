@@ -49,6 +49,7 @@ class RunSpec:
     progress: bool = True
     train_if_unreachable: bool = False
     dataset: Optional[str] = None  # cross-dataset: evaluate every entry on this dataset
+    queries: Optional[int] = None  # a seeded subset of this many queries (Runner.queries)
 
     @property
     def test_dataset(self) -> Optional[dict]:
@@ -61,7 +62,8 @@ class RunSpec:
         return cls(zoo=str(Path(args.zoo).resolve()) if args.zoo else None, results=str(Path(args.results).resolve()),
                    device=args.device, batch_size=args.batch_size, rerank=not args.no_rerank,
                    train_missing=not args.no_train, force=args.force,
-                   train_if_unreachable=getattr(args, "train_missing", False), dataset=getattr(args, "dataset", None))
+                   train_if_unreachable=getattr(args, "train_missing", False), dataset=getattr(args, "dataset", None),
+                   queries=getattr(args, "queries", None))
 
     def runner(self, zoo: Optional[dict] = None):
         from .runner import Runner
@@ -70,7 +72,7 @@ class RunSpec:
         return Runner(zoo if zoo is not None else load_zoo(self.zoo), results_root=Path(self.results),
                       device=self.device, train_missing=self.train_missing, batch_size=self.batch_size,
                       rerank=self.rerank, progress=self.progress, force=self.force,
-                      train_if_unreachable=self.train_if_unreachable)
+                      train_if_unreachable=self.train_if_unreachable, queries=self.queries)
 
 
 class LocalExecutor:

@@ -176,8 +176,12 @@ def _row(path: Path, record: dict) -> dict:
     flags = record.get("sanity_flags", [])
     if not isinstance(flags, list):
         raise ValueError("sanity_flags must be a list")
+    # A query-subset cell is its own dataset on the site: never ranked or combined with full cells.
+    subset = dataset.get("query_subset")
+    label = dataset["name"] if not subset else (
+        f"{dataset['name']} (subset: {int(subset['queries'])} of {int(subset['of'])} queries)")
     row = {
-        "dataset": dataset["name"], "split_hash": str(dataset.get("split_hash", "")),
+        "dataset": label, "split_hash": str(dataset.get("split_hash", "")),
         "model": model["id"], "backbone": str(model.get("backbone", "")),
         "defense": defense.get("name", "none") if isinstance(defense, dict) else str(defense),
         # a cross-dataset cell (train on A, test on B) is filed under B; this says A

@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .attack import Attack, AttackContext, RankOracle, SurrogateView, TrainView, build_attack
 from .data import build_dataset
-from .data.split import ReIDSplit
+from .data.split import ReIDSplit, query_subset
 from .defense import DefendedModel, build_defense
 from .errors import ReIDBenchError
 from .example import ExampleCapture, example_query_index, ranking_example
@@ -74,6 +74,7 @@ class Runner:
         progress: bool = True,
         force: bool = False,
         train_if_unreachable: bool = False,
+        queries: Optional[int] = None,
     ):
         self.zoo = zoo
         self.results_root = Path(results_root)
@@ -85,6 +86,9 @@ class Runner:
         self.rerank = rerank
         self.progress = progress
         self.force = force
+        # Evaluate a fixed, seeded subset of this many queries (big models on small machines);
+        # such cells are filed and ranked apart from full ones.
+        self.queries = queries
         self._splits: dict[str, ReIDSplit] = {}
         self._bundles: dict[str, ModelBundle] = {}
         # Transfer attacks never see the target: what they craft on the surrogate serves every
@@ -100,6 +104,8 @@ class Runner:
             if image_size is not None and tuple(split.image_size) != tuple(image_size):
                 split = ReIDSplit(split.name, split.train.materialize(image_size), split.query.materialize(image_size),
                                   split.gallery.materialize(image_size), tuple(image_size), split.split_hash, split.info)
+            if self.queries is not None:
+                split = query_subset(split, self.queries, self.protocol.seed)
             self._splits[key] = split
         return self._splits[key]
 
@@ -167,6 +173,8 @@ class Runner:
                 "rerank": self.rerank, "engine": __version__}
         if "surrogate" in attack.needs:
             blob["surrogate"] = self.surrogate_bundle(bundle).weights_sha256
+        if "query_subset" in bundle.split.info:  # absent for full cells, whose keys stay as they were
+            blob["query_subset"] = bundle.split.info["query_subset"]
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def surrogate_bundle(self, bundle: ModelBundle) -> ModelBundle:
@@ -187,7 +195,7 @@ class Runner:
         split = bundle.split
         if "surrogate" in attack.needs and self.protocol.surrogate(split.name) == entry.id:
             return None  # a transfer attack from a model onto itself is the white-box attack
-        path = cell_path(self.results_root, self.protocol.version, split.name, entry.id, attack_id(attack_name, eps))
+        path = cell_path(self.results_root, self.protocol.version, split.name, entry.id, self.cell_id(split, attack_name, eps))
         key = self.input_key(bundle, attack)
         if not self.force and path.exists():
             previous = read_cell(path)
@@ -210,7 +218,8 @@ class Runner:
                       "train_dataset": entry.dataset, "stochastic": bundle.model.stochastic,
                       "differentiable": bundle.model.defense.differentiable},
             "dataset": {"name": split.name, "split_hash": split.split_hash, "num_query": len(split.query),
-                        "num_gallery": len(split.gallery), "image_size": list(split.image_size)},
+                        "num_gallery": len(split.gallery), "image_size": list(split.image_size),
+                        **({"query_subset": split.info["query_subset"]} if "query_subset" in split.info else {})},
             "attack": attack.describe(), "threat_model": attack.threat_model, "perturbed": attack.perturbs,
             "perturbation": {"linf_max": linf, "l2_mean": l2, "eps": eps},
             "zero_gradient_share": zero_share,
@@ -223,6 +232,12 @@ class Runner:
         record["sanity_flags"] = self.sanity_flags(bundle, record)
         write_cell(path, record, per_query)
         return path
+
+    @staticmethod
+    def cell_id(split: ReIDSplit, attack_name: str, eps: float) -> str:
+        """The cell's file name: a query-subset cell never overwrites (or is mistaken for) a full one."""
+        subset = split.info.get("query_subset")
+        return attack_id(attack_name, eps) + (f"-q{subset['queries']}" if subset else "")
 
     def attack_context(self, bundle: ModelBundle, attack: Attack, side: str) -> AttackContext:
         split, feats = bundle.split, bundle.features
@@ -343,7 +358,7 @@ class Runner:
             path = self.run_cell(entry, name, eps, dataset)
             if path is not None:
                 paths.append(path)
-                log(f"[green]✓[/] {entry.id} × {attack_id(name, eps)}")
+                log(f"[green]✓[/] {entry.id} × {path.stem}")
         return paths
 
 
