@@ -89,6 +89,9 @@ class Runner:
         # Evaluate a fixed, seeded subset of this many queries (big models on small machines);
         # such cells are filed and ranked apart from full ones.
         self.queries = queries
+        #: entry id -> (model, fingerprint of what it computes): models given as Python objects
+        #: (:func:`reidbench.benchmark`), used instead of the entry's weights
+        self.provided: dict[str, tuple[torch.nn.Module, str]] = {}
         self._splits: dict[str, ReIDSplit] = {}
         self._bundles: dict[str, ModelBundle] = {}
         # Transfer attacks never see the target: what they craft on the surrogate serves every
@@ -114,6 +117,19 @@ class Runner:
         key = json.dumps({"entry": entry.id, "dataset": dataset}, sort_keys=True)
         if key in self._bundles:
             return self._bundles[key]
+        if entry.id in self.provided:  # a model object handed to reidbench.benchmark: nothing to load
+            model, weights_sha256 = self.provided[entry.id]
+        else:
+            model, weights_sha256 = self.load_model(entry)
+        defended = DefendedModel(model, build_defense(entry.defense)).to(self.device).eval()
+        split = self.split_for(dataset or entry.dataset, tuple(model.input_size))
+        check_model_fits(model, split, f"model '{entry.id}'")
+        bundle = ModelBundle(entry, defended, split, weights_sha256)
+        self._bundles[key] = bundle
+        return bundle
+
+    def load_model(self, entry: ZooEntry) -> tuple[torch.nn.Module, str]:
+        """The entry's model with its weights (obtained, trained or imported) and their sha256."""
         # Borrowed weights are trained on the lending entry's own split (the same training
         # data; a cross-modality direction may differ).
         train_split = self.split_for(training_entry(entry, self.zoo).dataset)
@@ -126,12 +142,7 @@ class Runner:
         else:
             model = build_model(entry.model_spec(), num_classes=0)
             load_weights(model, weights, entry.id, recipe_key=training_entry(entry, self.zoo).recipe_key())
-        defended = DefendedModel(model, build_defense(entry.defense)).to(self.device).eval()
-        split = self.split_for(dataset or entry.dataset, tuple(model.input_size))
-        check_model_fits(model, split, f"model '{entry.id}'")
-        bundle = ModelBundle(entry, defended, split, sha256_file(weights))
-        self._bundles[key] = bundle
-        return bundle
+        return model, sha256_file(weights)
 
     def clean_features(self, bundle: ModelBundle) -> dict:
         if not bundle.features:
@@ -173,6 +184,8 @@ class Runner:
                 "rerank": self.rerank, "engine": __version__}
         if "surrogate" in attack.needs:
             blob["surrogate"] = self.surrogate_bundle(bundle).weights_sha256
+        if bundle.entry.is_onnx:  # its preprocessing is part of the entry, not of the weights file
+            blob["input_spec"] = bundle.entry.model
         if "query_subset" in bundle.split.info:  # absent for full cells, whose keys stay as they were
             blob["query_subset"] = bundle.split.info["query_subset"]
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
