@@ -66,13 +66,16 @@ def sidecar(path: Path) -> Path:
 Writer = Union[bytes, Callable[[Path], None]]
 
 
-def atomic_write(path: Path, data: Writer, best_effort: bool = False, check: bool = True) -> Optional[dict]:
+def atomic_write(path: Path, data: Writer, best_effort: bool = False, check: bool = True,
+                 fsync: bool = True) -> Optional[dict]:
     """Write ``data`` (bytes, or a function writing the file at the path it is given) to
     ``path`` so that readers only ever see a complete file; with ``check``, record its size and
-    sha256 in the sidecar. Returns ``{"bytes", "sha256"}`` of what was written.
+    sha256 in the sidecar. Returns ``{"bytes", "sha256"}`` of what was written (only its size
+    without ``check``).
 
     ``best_effort``: a failure to write (read-only or full disk) is one warning line and None,
-    for a cache whose loss costs only time on the next run."""
+    for a cache whose loss costs only time on the next run. ``fsync=False`` skips forcing the
+    bytes to disk, for many small files that are cheap to write again (the site's pages)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -82,10 +85,12 @@ def atomic_write(path: Path, data: Writer, best_effort: bool = False, check: boo
                 fh.write(data)
         else:
             data(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        stamp = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        stamp = {"bytes": tmp.stat().st_size}
         if check:
+            stamp["sha256"] = sha256_file(tmp)
             # The sidecar first: a crash between the two renames leaves a file that fails its
             # check (rebuilt), never an unchecked one.
             side, side_tmp = sidecar(path), sidecar(tmp)
@@ -168,10 +173,10 @@ def remove(path: Path) -> None:
     sidecar(path).unlink(missing_ok=True)
 
 
-def report_corrupt(path: Path, what: str, problem: str) -> None:
+def report_corrupt(path: Path, what: str, problem: str, action: str = "deleted, rebuilding it") -> None:
     from .progress import log
 
-    log(f"[yellow]warning:[/] corrupt cached {what} {path}: {problem}; deleted, rebuilding it")
+    log(f"[yellow]warning:[/] corrupt cached {what} {path}: {problem}; {action}")
 
 
 def load_verified(path: Path, load: Callable[[Path], T], what: str = "file") -> Optional[T]:

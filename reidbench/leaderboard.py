@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import zipfile
@@ -706,10 +705,9 @@ def _grid(protocol_version: str) -> Optional[set[str]]:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .cache import atomic_write
+
+    atomic_write(path, text.encode("utf-8"), check=False, fsync=False)
 
 
 def _prune(folder: Path, keep: set[Path]) -> None:

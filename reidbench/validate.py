@@ -156,6 +156,9 @@ def _record_reasons(path: Path, record: dict, bundle, runner, pinned: str) -> li
                        f"not this dataset's split {bundle.split.split_hash}")
     if record.get("protocol", {}).get("fingerprint") != runner.protocol.fingerprint():
         reasons.append(f"{name}: computed under another protocol than {runner.protocol.version} as shipped")
+    subset = record.get("dataset", {}).get("query_subset")
+    if subset:
+        reasons.append(f"{name}: computed on a subset of {subset.get('queries')} queries (--queries); submit full runs")
     if bool(record["model"].get("stochastic")) != bundle.model.stochastic:
         reasons.append(f"{name}: says stochastic={record['model'].get('stochastic')}, but the defense is "
                        f"{'' if bundle.model.stochastic else 'not '}stochastic")

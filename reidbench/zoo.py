@@ -284,7 +284,26 @@ def trained_weights_dir(entry: ZooEntry) -> Path:
 
 def download_hub_weights(entry: ZooEntry) -> Path:
     """Fetch pinned weights through huggingface_hub (its cache first); verify the sha256
-    before anything is loaded. Each failure is one line saying which one it is."""
+    before anything is loaded. A cached copy that does not match is fetched once more (a
+    pinned revision cannot change, so only the copy can be damaged). Each failure is one
+    line saying which one it is."""
+    path = _hub_download(entry)
+    expected = entry.weights["sha256"].lower()
+    if sha256_file(path) != expected:
+        from .cache import report_corrupt
+
+        report_corrupt(path, "hub weights", "sha256 differs from the pinned one", "fetching them again")
+        try:
+            path = _hub_download(entry, force=True)
+        except ReIDBenchError:
+            pass  # offline or refused: the mismatch below is the one thing to report
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ReIDBenchError(f"weights of '{entry.id}' do not match their sha256 (expected {expected[:12]}…, got {actual[:12]}…)")
+    return path
+
+
+def _hub_download(entry: ZooEntry, force: bool = False) -> Path:
     import logging
 
     from huggingface_hub import hf_hub_download
@@ -297,7 +316,8 @@ def download_hub_weights(entry: ZooEntry) -> Path:
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line report
     try:
-        path = Path(hf_hub_download(repo_id=w["repo"], filename=w["file"], revision=w["revision"]))
+        return Path(hf_hub_download(repo_id=w["repo"], filename=w["file"], revision=w["revision"],
+                                    **({"force_download": True} if force else {})))
     except RevisionNotFoundError:
         raise ReIDBenchError(f"{where}: the repo has no revision '{w['revision']}'") from None
     except RepositoryNotFoundError:
@@ -310,10 +330,6 @@ def download_hub_weights(entry: ZooEntry) -> Path:
         raise ReIDBenchError(f"{where}: {first_line(exc)}") from None
     finally:
         hub_logger.setLevel(level)
-    actual = sha256_file(path)
-    if actual != w["sha256"].lower():
-        raise ReIDBenchError(f"weights of '{entry.id}' do not match their sha256 (expected {w['sha256'][:12]}…, got {actual[:12]}…)")
-    return path
 
 
 def local_weights_path(entry: ZooEntry) -> Optional[Path]:

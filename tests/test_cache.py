@@ -176,3 +176,26 @@ def test_cache_verify_and_clean_commands(tiny_zoo_file, tiny_model, tmp_path, mo
     assert main(["cache", "clean", "--model", "nope", "--zoo", str(tiny_zoo_file)]) == 2
     assert main(["cache", "clean"]) == 0
     assert not root.exists() or not any(root.iterdir())
+
+
+def test_damaged_hub_weights_are_fetched_again(tmp_path, loud, monkeypatch, capsys):
+    import huggingface_hub
+
+    from reidbench.zoo import ZooEntry, download_hub_weights
+
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    good.write_bytes(b"the pinned weights")
+    bad.write_bytes(b"the pinned weigh")
+    calls = []
+
+    def fake_download(repo_id, filename, revision, force_download=False):
+        calls.append(force_download)
+        return str(good if force_download else bad)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    entry = ZooEntry(id="m", backbone="resnet10t", dataset={"name": "synthetic"}, defense={"name": "none"},
+                     weights={"repo": "o/m", "file": "model.safetensors", "revision": "a" * 40,
+                              "sha256": cache.sha256_file(good)})
+    assert download_hub_weights(entry) == good and calls == [False, True]
+    (line,) = warning_lines(capsys.readouterr().err)
+    assert f"corrupt cached hub weights {bad}" in line and "fetching them again" in line

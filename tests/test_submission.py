@@ -140,6 +140,15 @@ def test_a_damaged_per_query_file_is_one_rejection(submission, results, capsys):
     assert "m-ifgsm-eps5.json: per-query outcomes" in reasons[0] and "are damaged" in reasons[0], reasons
 
 
+def test_a_query_subset_run_is_not_a_submission(submission, results, capsys):
+    zoo = load_zoo(submission[0])
+    Runner(zoo, results_root=results, device="cpu", rerank=False, progress=False, queries=8).run(
+        [zoo["tiny-pinned"]], ["m-fgsm"])
+    code, reasons, _ = validate(capsys, submission[0], results)
+    assert code == 1 and reasons == ["reidbench: rejected: v1/synthetic/tiny-pinned/m-fgsm-eps5-q8.json: computed on a "
+                                     "subset of 8 queries (--queries); submit full runs"], reasons
+
+
 def test_wrong_weights_hash_is_rejected(submission, tmp_path, capsys):
     zoo_file, results = submission
     entry = yaml.safe_load(zoo_file.read_text())[0]
