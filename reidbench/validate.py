@@ -305,9 +305,9 @@ def submitted_entries(base_ref: str, zoo_path: Optional[str | Path] = None, resu
     whose files under ``results`` changed (the folder name of a cell is its entry id)."""
     import tempfile
 
-    from .zoo import DEFAULT_ZOO, load_zoo
+    from .zoo import default_zoo_path, load_zoo
 
-    zoo_path = Path(zoo_path or DEFAULT_ZOO).resolve()
+    zoo_path = Path(zoo_path or default_zoo_path()).resolve()
     top = Path(_git("rev-parse", "--show-toplevel", cwd=zoo_path.parent).strip())
     merge_base = _git("merge-base", base_ref, "HEAD", cwd=top).strip()
     relative = zoo_path.relative_to(top).as_posix()

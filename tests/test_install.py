@@ -1,6 +1,7 @@
 """A regular install works without the checkout: the wheel carries the default zoo, the
 protocol and the site templates; zoo, results and site of a user live in their directory."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -35,7 +36,10 @@ def installed(tmp_path_factory):
     for name in ("reidbench", "attacks", "defenses", "leaderboard"):
         shutil.copytree(REPO / name, source / name, symlinks=True, ignore=ignore)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", str(source), "-w", str(tmp / "dist")],
+    # Offline and fast with the interpreter's setuptools; an environment without one (Python
+    # 3.12+ venvs) lets pip fetch it, as `pip install .` would.
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run(pip + ["wheel", "--no-deps", *isolation, str(source), "-w", str(tmp / "dist")],
                    check=True, cwd=tmp, capture_output=True)
     (wheel,) = (tmp / "dist").glob("reidbench-*.whl")
     subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target", str(tmp / "site"), str(wheel)],
