@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch.nn.utils.parametrizations import spectral_norm
 
 from reidbench.attack import Attack, AttackContext, TrainView
-from reidbench.cache import cache_dir, load_verified, save_safetensors
+from reidbench.cache import cache_dir, load_verified, save_safetensors, weights_fingerprint
 from reidbench.data.sampler import PKSampler
 from reidbench.errors import ReIDBenchError
 from reidbench.features import embed, model_device
@@ -36,17 +36,6 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 # --- fingerprints -------------------------------------------------------------------------
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every state-dict tensor: two models
-    share a fingerprint only if they compute the same function."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def train_fingerprint(train: TrainView) -> dict:

@@ -75,13 +75,11 @@ def _input_size(value) -> list[int]:
 def module_fingerprint(module: nn.Module, spec: dict) -> str:
     """sha256 of the module's class, parameters and buffers (names, dtypes, shapes, bytes) and
     of its preprocessing ``spec``: what the model computes, as far as it can be hashed."""
-    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}".encode())
-    h.update(json.dumps(spec, sort_keys=True).encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    from .cache import weights_fingerprint
+
+    blob = {"class": f"{type(module).__module__}.{type(module).__qualname__}", "spec": spec,
+            "weights": weights_fingerprint(module)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def check_output(model: nn.Module, input_size: Sequence[int], what: str) -> None:
