@@ -12,17 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.nn.utils.parametrizations import spectral_norm
 
 from reidbench.attack import Attack, AttackContext, TrainView
-from reidbench.data import cache_dir
+from reidbench.cache import cache_dir, load_verified, save_safetensors, weights_fingerprint
 from reidbench.data.sampler import PKSampler
 from reidbench.errors import ReIDBenchError
 from reidbench.features import embed, model_device
@@ -37,17 +36,6 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 # --- fingerprints -------------------------------------------------------------------------
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every state-dict tensor: two models
-    share a fingerprint only if they compute the same function."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def train_fingerprint(train: TrainView) -> dict:
@@ -364,16 +352,13 @@ class DeepMisRanking(Attack):
         if path.name in self._generators:
             return self._generators[path.name]
         device = model_device(ctx.surrogate.model)
-        if path.is_file():
+        state = load_verified(path, lambda p: load_file(str(p)), "DMR generator")
+        if state is not None:
             g = self.build_generator()
-            g.load_state_dict(load_file(str(path)))
+            g.load_state_dict(state)
         else:
             g = self._train_generator(ctx.surrogate.model, ctx.train, device)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in g.state_dict().items()}, str(tmp),
-                      metadata={"key": json.dumps(key, sort_keys=True, default=str)})
-            os.replace(tmp, path)
+            save_safetensors(g.state_dict(), path, metadata={"key": json.dumps(key, sort_keys=True, default=str)})
         g = g.to(device).eval()
         self._generators[path.name] = g
         return g

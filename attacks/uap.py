@@ -15,13 +15,14 @@ import json
 import torch
 
 from reidbench.attack import Attack, AttackContext, TrainView
+from reidbench.cache import weights_fingerprint
 from reidbench.data.sampler import PKSampler
 from reidbench.errors import ReIDBenchError
 from reidbench.features import embed, model_device
 from reidbench.progress import progress_bar
 from reidbench.registry import ATTACKS
 
-from .dmr import train_fingerprint, weights_fingerprint
+from .dmr import train_fingerprint
 
 
 def smooth_average_precision(query_feats: torch.Tensor, gallery_feats: torch.Tensor, pids: torch.Tensor,

@@ -114,7 +114,8 @@ from reidbench.models.reid_model import ReIDModel
 from reidbench.progress import log, progress_bar
 from reidbench.registry import DEFENSES, MODEL_HEADS
 from reidbench.train.losses import cross_entropy_label_smoothing, reid_terms
-from reidbench.train.loop import _atomic_safetensors, _atomic_torch_save, _fingerprint
+from reidbench.cache import fingerprint as _fingerprint, load_verified
+from reidbench.cache import save_safetensors as _atomic_safetensors, save_torch as _atomic_torch_save
 
 #: bump when stage 1 changes what a cached MPG-Net or generated set would hold
 MPG_VERSION = 1
@@ -562,14 +563,15 @@ class APD(Defense):
                             **described, **{k: p[k] for k in _MPG_KEYS}})
         root = cache_dir() / "apd"
         generated_path, mpg_path = root / f"generated-{key}.pt", root / f"mpg-{key}.safetensors"
-        if generated_path.is_file():
-            data = torch.load(generated_path, weights_only=True)
+        data = load_verified(generated_path, lambda p: torch.load(p, weights_only=True), "APD generated set")
+        if data is not None:
             return ReIDSubset(data["pids"], data["camids"], images=data["images"])
         root.mkdir(parents=True, exist_ok=True)
         images = train.load_uint8(None, tuple(split.image_size))
         generator, discriminator = self.build_mpg()
-        if mpg_path.is_file():
-            generator.load_state_dict(load_file(str(mpg_path)))
+        state = load_verified(mpg_path, lambda p: load_file(str(p)), "APD MPG-Net")
+        if state is not None:
+            generator.load_state_dict(state)
         else:
             started = time.time()
             history = train_mpg(generator, discriminator, self.feature_network(source), images, train.pids,

@@ -6,3 +6,14 @@ packages ``attacks`` and ``defenses``.
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["benchmark", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import reidbench` stays cheap (no torch) for the CLI's start and for tools.
+    if name == "benchmark":
+        from .api import benchmark
+
+        return benchmark
+    raise AttributeError(f"module 'reidbench' has no attribute '{name}'")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .errors import ReIDBenchError
 
+ZOO_HELP = "model zoo file (default: ./model_zoo.yaml if present, else the one shipped with reidbench)"
+
 
 def _zoo(args):
     from .zoo import load_zoo
@@ -40,8 +42,10 @@ def cmd_run(args) -> int:
     from .protocol import load_protocol
     from .registry import ATTACKS
 
+    if args.onnx:
+        return _run_onnx(args)
     if not args.all and not args.model:
-        raise ReIDBenchError("say what to run: --all, or --model ID [--attack NAME]")
+        raise ReIDBenchError("say what to run: --all, or --model ID [--attack NAME], or --onnx FILE")
     for name in args.attack or []:
         ATTACKS.get(name)
     protocol = load_protocol(args.protocol) if args.protocol else load_protocol()
@@ -55,6 +59,8 @@ def cmd_run(args) -> int:
         from .registry import DATASETS
 
         DATASETS.get(args.dataset)
+    if args.queries is not None and args.queries < 1:
+        raise ReIDBenchError(f"--queries must be a positive number of queries, got {args.queries}")
     if args.attack:
         # The protocol's grid skips cells it does not define; a named attack must run.
         from .runner import undefined_cell
@@ -68,6 +74,44 @@ def cmd_run(args) -> int:
     executor.run(RunSpec.from_args(args), [e.id for e in entries], attacks, eps_values, zoo=zoo)
     index = render_site(Path(args.results), Path(args.site) if args.site else None, protocol.version)
     log(f"leaderboard: {index}")
+    return 0
+
+
+def _run_onnx(args) -> int:
+    """``run --onnx FILE``: an ONNX model benchmarked without a zoo entry (reidbench.benchmark)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .api import benchmark
+    from .leaderboard import render_site
+    from .progress import log
+
+    if args.all or args.model:
+        raise ReIDBenchError("--onnx names the model to run; drop --all / --model")
+    if not args.dataset or not args.input_size:
+        raise ReIDBenchError("--onnx needs --dataset NAME and --input-size H W (what the graph takes)")
+    if args.no_train or args.train_missing or args.executor != "local":
+        raise ReIDBenchError("--onnx runs locally and trains nothing; drop --no-train / --train-missing / --executor")
+    dataset = args.dataset
+    if dataset.lstrip().startswith("{"):  # a dataset with options, written as in a zoo entry
+        import yaml
+
+        try:
+            dataset = yaml.safe_load(dataset)
+        except yaml.YAMLError:
+            raise ReIDBenchError(f"--dataset {args.dataset!r} is neither a name nor a YAML mapping") from None
+    frame = benchmark(args.onnx, dataset=dataset, attacks=args.attack, eps=args.eps, input_size=args.input_size,
+                      mean=args.mean, std=args.std, device=args.device, queries=args.queries, name=args.name,
+                      results=args.results, zoo=args.zoo, batch_size=args.batch_size, rerank=not args.no_rerank,
+                      force=args.force, channel_order=args.channel_order, value_range=args.value_range,
+                      layout=args.layout)
+    table = Table(title=f"{Path(args.onnx).name} on {dataset if isinstance(dataset, str) else dataset.get('name')}")
+    for column in ("", "Rank-1", "mAP", "queries"):
+        table.add_column(column, justify="right")
+    for label, row in frame.iterrows():
+        table.add_row(str(label), *(f"{100 * row[k]:.1f}" for k in ("rank1", "mAP")), str(row["queries"]))
+    Console().print(table)  # the command's result: stdout
+    log(f"leaderboard: {render_site(Path(args.results), Path(args.site) if args.site else None)}")
     return 0
 
 
@@ -215,12 +259,63 @@ def cmd_zoo_changed(args) -> int:
     return 0
 
 
+def cmd_cache_verify(args) -> int:
+    from .cache import cache_dir, remove, verify_tree
+    from .results import iter_cells, per_query_problem
+
+    root = cache_dir()
+    checked = unchecked = 0
+    damaged = []
+    for path, problem in verify_tree(root):
+        if problem == "unchecked":
+            unchecked += 1
+        elif problem is not None:
+            damaged.append((path, problem))
+        checked += 1
+    if args.results:
+        for path, record in iter_cells(Path(args.results)):
+            checked += 1
+            problem = per_query_problem(path, record) if "per_query_file" in record else None
+            if problem is not None:
+                damaged.append((path.with_suffix(".npz"), problem))
+    for path, problem in damaged:
+        print(f"damaged\t{path}\t{problem}")
+        if args.delete:
+            remove(path)
+    print(f"{checked} files checked under {root}{' and ' + args.results if args.results else ''}: {len(damaged)} damaged"
+          f"{' (deleted; rebuilt when next needed)' if args.delete and damaged else ''}, "
+          f"{unchecked} written before size and hash were recorded")
+    return 1 if damaged else 0
+
+
+def cmd_cache_clean(args) -> int:
+    from .cache import cache_dir, remove
+
+    root = cache_dir()
+    if args.model:
+        from .zoo import get_entry, trained_weights_dir
+
+        zoo = _zoo(args)
+        targets = []
+        for model_id in args.model:
+            entry = get_entry(zoo, model_id)
+            # Every recipe this entry was ever trained with, not just today's.
+            targets += sorted(trained_weights_dir(entry).parent.glob(f"{entry.id}-*"))
+    else:
+        targets = sorted(root.iterdir()) if root.is_dir() else []
+    for path in targets:
+        remove(path)
+        print(f"removed\t{path}")
+    print(f"{len(targets)} cache entries removed from {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reidbench", description="Adversarial robustness benchmark for person re-identification")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, results=True):
-        p.add_argument("--zoo", default=None, help="model zoo file (default: the repository's model_zoo.yaml)")
+        p.add_argument("--zoo", default=None, help=ZOO_HELP)
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
         if results:
             p.add_argument("--results", default="results", help="result store folder (default: ./results)")
@@ -239,8 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", nargs="+", help="zoo model id(s)")
     run.add_argument("--attack", nargs="+", help="attack name(s) (default: the protocol's suite)")
     run.add_argument("--eps", nargs="+", type=float, help="budget(s) in 1/255 units (default: the protocol's primary ε)")
-    run.add_argument("--dataset", default=None, help="evaluate on this dataset instead of each model's own (cross-dataset)")
-    run.add_argument("--site", default=None, help="where to render the leaderboard (default: leaderboard/site)")
+    run.add_argument("--dataset", default=None,
+                     help="evaluate on this dataset instead of each model's own (cross-dataset); with --onnx, the dataset "
+                          "to evaluate on: a name, or a mapping as in a zoo entry ('{name: synthetic, preset: tiny}')")
+    onnx = run.add_argument_group("an ONNX model without a zoo entry (with --dataset)")
+    onnx.add_argument("--onnx", metavar="FILE", help="benchmark this ONNX graph (pip install 'reidbench[onnx]')")
+    onnx.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="the graph's input height and width")
+    onnx.add_argument("--channel-order", choices=("RGB", "BGR"), default=None, help="the graph's channel order (RGB)")
+    onnx.add_argument("--value-range", type=int, choices=(1, 255), default=None,
+                      help="what a white pixel is for the graph (1)")
+    onnx.add_argument("--mean", type=float, nargs=3, default=None, help="normalisation mean, in the graph's order and range")
+    onnx.add_argument("--std", type=float, nargs=3, default=None, help="normalisation std, in the graph's order and range")
+    onnx.add_argument("--layout", choices=("NCHW", "NHWC"), default=None, help="the graph's input layout (NCHW)")
+    onnx.add_argument("--name", default=None, help="model id in the results (default: file name + hash)")
+    run.add_argument("--queries", type=int, default=None, metavar="N",
+                     help="evaluate a fixed, seeded subset of N queries (recorded; ranked apart from full runs)")
+    run.add_argument("--site", default=None, help="where to render the leaderboard (default: ./leaderboard/site)")
     run.add_argument("--protocol", default=None, metavar="VERSION",
                      help="protocol version to run under (default: the current one; other versions render apart)")
     run.add_argument("--executor", choices=EXECUTORS, default="local",
@@ -313,9 +422,21 @@ def build_parser() -> argparse.ArgumentParser:
     common(val, results=False)
     val.set_defaults(func=cmd_validate)
 
+    cache = sub.add_parser("cache", help="the local cache ($REIDBENCH_CACHE, default ~/.cache/reidbench): verify, clean")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    verify = cache_sub.add_parser("verify", help="check every cached file against the size and sha256 recorded when "
+                                                 "it was written; exit 1 if any is damaged")
+    verify.add_argument("--delete", action="store_true", help="delete damaged files (each is rebuilt when next needed)")
+    verify.add_argument("--results", default=None, help="also check the per-query files of this result folder")
+    verify.set_defaults(func=cmd_cache_verify)
+    clean = cache_sub.add_parser("clean", help="delete the cache, or only the trained weights of some zoo entries")
+    clean.add_argument("--model", nargs="+", help="zoo model id(s) whose trained weights (every recipe) to delete")
+    clean.add_argument("--zoo", default=None)
+    clean.set_defaults(func=cmd_cache_clean)
+
     changed = zoo_sub.add_parser("changed", help="ids of the zoo entries a branch submits, one per line (for CI)")
     changed.add_argument("--base", default="origin/main", help="git ref of the base branch (default: origin/main)")
-    changed.add_argument("--zoo", default=None, help="model zoo file (default: the repository's model_zoo.yaml)")
+    changed.add_argument("--zoo", default=None, help=ZOO_HELP)
     changed.add_argument("--results", default="submissions",
                          help="submitted result folder; entries whose files changed there count too (default: submissions)")
     changed.set_defaults(func=cmd_zoo_changed)

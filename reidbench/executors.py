@@ -50,6 +50,7 @@ class RunSpec:
     train_if_unreachable: bool = False
     dataset: Optional[str] = None  # cross-dataset: evaluate every entry on this dataset
     protocol: Optional[str] = None  # protocol version; None: the current one
+    queries: Optional[int] = None  # a seeded subset of this many queries (Runner.queries)
 
     @property
     def test_dataset(self) -> Optional[dict]:
@@ -63,7 +64,8 @@ class RunSpec:
                    device=args.device, batch_size=args.batch_size, rerank=not args.no_rerank,
                    train_missing=not args.no_train, force=args.force,
                    train_if_unreachable=getattr(args, "train_missing", False), dataset=getattr(args, "dataset", None),
-                   protocol=getattr(args, "protocol", None))
+                   protocol=getattr(args, "protocol", None),
+                   queries=getattr(args, "queries", None))
 
     def runner(self, zoo: Optional[dict] = None):
         from .protocol import load_protocol
@@ -74,7 +76,7 @@ class RunSpec:
                       protocol=load_protocol(self.protocol) if self.protocol else None,
                       device=self.device, train_missing=self.train_missing, batch_size=self.batch_size,
                       rerank=self.rerank, progress=self.progress, force=self.force,
-                      train_if_unreachable=self.train_if_unreachable)
+                      train_if_unreachable=self.train_if_unreachable, queries=self.queries)
 
 
 class LocalExecutor:

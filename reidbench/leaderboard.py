@@ -57,7 +57,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import zipfile
@@ -81,7 +80,11 @@ from .progress import log
 from .protocol import CURRENT_VERSION, known_versions, load_protocol
 from .results import iter_cells, read_per_query
 
-LEADERBOARD_DIR = Path(__file__).resolve().parent.parent / "leaderboard"
+# Templates and assets ship inside the package (a symlink to the repository's leaderboard/ in a
+# checkout), so an installed reidbench renders without a clone.
+LEADERBOARD_DIR = Path(__file__).resolve().parent / "bundled" / "leaderboard"
+# The rendered site is the user's, like the results: relative to the working directory.
+DEFAULT_SITE = Path("leaderboard") / "site"
 
 # Table order of threat models; others follow alphabetically.
 THREAT_ORDER = {"white-box": 0, "adaptive": 1, "oblivious": 2, "transfer": 3, "query-based": 4}
@@ -266,8 +269,12 @@ def _row(path: Path, record: dict) -> dict:
     flags = record.get("sanity_flags", [])
     if not isinstance(flags, list):
         raise ValueError("sanity_flags must be a list")
+    # A query-subset cell is its own dataset on the site: never ranked or combined with full cells.
+    subset = dataset.get("query_subset")
+    label = dataset["name"] if not subset else (
+        f"{dataset['name']} (subset: {int(subset['queries'])} of {int(subset['of'])} queries)")
     row = {
-        "dataset": dataset["name"], "split_hash": str(dataset.get("split_hash", "")),
+        "dataset": label, "split_hash": str(dataset.get("split_hash", "")),
         "model": model["id"], "backbone": str(model.get("backbone", "")),
         "defense": defense.get("name", "none") if isinstance(defense, dict) else str(defense),
         # a cross-dataset cell (train on A, test on B) is filed under B; this says A
@@ -917,10 +924,9 @@ def _grid(protocol_version: str) -> Optional[set[str]]:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from .cache import atomic_write
+
+    atomic_write(path, text.encode("utf-8"), check=False, fsync=False)
 
 
 def _prune(folder: Path, keep: set[Path]) -> None:
@@ -958,7 +964,7 @@ def render_site(results_root: Path, out_dir: Path | None = None, protocol_versio
 
     ``protocol_version``'s cells are the site; every other version in the result folder is
     rendered apart, into ``out_dir/protocol-<version>/``, and linked with a note."""
-    out_dir = Path(out_dir) if out_dir else LEADERBOARD_DIR / "site"
+    out_dir = Path(out_dir) if out_dir else DEFAULT_SITE
     others = [v for v in result_versions(results_root) if v != protocol_version]
     index = _render_version(results_root, out_dir, protocol_version,
                             {"others": [(v, f"protocol-{v}/index.html") for v in others], "current": None})

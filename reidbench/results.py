@@ -3,19 +3,25 @@
 Layout: ``<root>/<protocol-version>/<dataset>/<model-id>/<attack-id>.json`` (+ ``.npz``).
 Files are written atomically (temporary file + rename, the npz before the JSON), so an
 interrupted run leaves either a complete cell or none, and a cell whose ``input_key`` is
-unchanged is never recomputed.
+unchanged is never recomputed. The JSON records the size and sha256 of its ``.npz``
+(``per_query_bytes``, ``per_query_sha256``), so a damaged ``.npz`` beside a valid JSON is
+caught when it is read (:class:`reidbench.cache.CorruptArtefact`), and the runner computes
+that cell again. The ``.npz`` is written byte-reproducibly (fixed zip timestamps), so the
+same outcomes give the same hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import os
+import zipfile
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 
+from .cache import CorruptArtefact, atomic_write
 from .progress import log
 
 
@@ -23,23 +29,27 @@ def cell_path(root: Path, protocol_version: str, dataset: str, model_id: str, at
     return Path(root) / protocol_version / dataset / model_id / f"{attack_id}.json"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``np.savez_compressed`` of ``arrays``, but with fixed member timestamps and order, so
+    that equal arrays give equal bytes (and equal hashes)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(arrays[name]), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def write_cell(path: Path, record: dict, per_query: Optional[dict[str, np.ndarray]] = None) -> None:
+    path = Path(path)
     if per_query:
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **per_query)
-        _atomic_write_bytes(path.with_suffix(".npz"), buffer.getvalue())
-        record = {**record, "per_query_file": path.with_suffix(".npz").name}
-    _atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+        blob = npz_bytes(per_query)
+        atomic_write(path.with_suffix(".npz"), blob, check=False)
+        record = {**record, "per_query_file": path.with_suffix(".npz").name, "per_query_bytes": len(blob),
+                  "per_query_sha256": hashlib.sha256(blob).hexdigest()}
+    atomic_write(path, (json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n").encode(), check=False)
 
 
 def read_cell(path: Path) -> Optional[dict]:
@@ -55,9 +65,57 @@ def read_cell(path: Path) -> Optional[dict]:
     return record
 
 
-def read_per_query(path: Path) -> dict[str, np.ndarray]:
-    with np.load(Path(path).with_suffix(".npz")) as data:
-        return {k: data[k] for k in data.files}
+def per_query_problem(path: Path, record: Optional[dict] = None) -> Optional[str]:
+    """Why the ``.npz`` beside the record at ``path`` is not the one the record was written
+    with (missing, other size, other sha256); None when it is, or when the record predates
+    those fields. ``record`` defaults to the JSON at ``path``."""
+    npz = Path(path).with_suffix(".npz")
+    if record is None:
+        try:
+            record = json.loads(Path(path).with_suffix(".json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            record = {}
+    expected = record.get("per_query_sha256") if isinstance(record, dict) else None
+    if not isinstance(expected, str):
+        return None
+    try:
+        blob = npz.read_bytes()
+    except OSError:
+        return "it is missing"
+    if len(blob) != record.get("per_query_bytes", len(blob)):
+        return f"{len(blob)} bytes, its record says {record['per_query_bytes']}"
+    if hashlib.sha256(blob).hexdigest() != expected:
+        return "its sha256 differs from the one its record holds"
+    return None
+
+
+def read_per_query(path: Path, record: Optional[dict] = None) -> dict[str, np.ndarray]:
+    """The per-query arrays of the cell at ``path``, checked against its record first; a
+    damaged file raises :class:`CorruptArtefact` (one line)."""
+    npz = Path(path).with_suffix(".npz")
+    problem = per_query_problem(path, record)
+    if problem is None:
+        try:
+            with np.load(npz) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            problem = f"{exc.__class__.__name__}: {str(exc)[:120]}"
+    raise CorruptArtefact(f"per-query outcomes {npz} are damaged ({problem})")
+
+
+def cell_intact(path: Path, record: dict) -> bool:
+    """Whether a stored cell can be reused as it is: its per-query file, if it names one, is
+    readable and the one it was written with. A damaged one is reported in one line."""
+    if "per_query_file" not in record:
+        return True
+    try:
+        read_per_query(path, record)
+    except (CorruptArtefact, OSError) as exc:
+        log(f"[yellow]warning:[/] {exc}; computing the cell again")
+        return False
+    return True
 
 
 def iter_cells(root: Path, protocol_version: Optional[str] = None) -> Iterable[tuple[Path, dict]]:

@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .attack import Attack, AttackContext, RankOracle, SurrogateView, TrainView, build_attack
 from .data import build_dataset
-from .data.split import ReIDSplit
+from .data.split import ReIDSplit, query_subset
 from .defense import DefendedModel, build_defense
 from .errors import ReIDBenchError
 from .example import ExampleCapture, example_query_index, ranking_example
@@ -31,7 +31,7 @@ from .models import build_model, check_model_fits
 from .progress import log, progress_bar
 from .protocol import Protocol, load_protocol
 from .hardware import environment, resolve_device
-from .results import cell_path, read_cell, write_cell
+from .results import cell_intact, cell_path, read_cell, write_cell
 from .zoo import ZooEntry, load_weights, obtain_weights, sha256_file, training_entry
 
 
@@ -78,6 +78,7 @@ class Runner:
         progress: bool = True,
         force: bool = False,
         train_if_unreachable: bool = False,
+        queries: Optional[int] = None,
     ):
         self.zoo = zoo
         self.results_root = Path(results_root)
@@ -89,6 +90,12 @@ class Runner:
         self.rerank = rerank
         self.progress = progress
         self.force = force
+        # Evaluate a fixed, seeded subset of this many queries (big models on small machines);
+        # such cells are filed and ranked apart from full ones.
+        self.queries = queries
+        #: entry id -> (model, fingerprint of what it computes): models given as Python objects
+        #: (:func:`reidbench.benchmark`), used instead of the entry's weights
+        self.provided: dict[str, tuple[torch.nn.Module, str]] = {}
         self._splits: dict[str, ReIDSplit] = {}
         self._bundles: dict[str, ModelBundle] = {}
         # Transfer attacks never see the target: what they craft on the surrogate serves every
@@ -104,6 +111,8 @@ class Runner:
             if image_size is not None and tuple(split.image_size) != tuple(image_size):
                 split = ReIDSplit(split.name, split.train.materialize(image_size), split.query.materialize(image_size),
                                   split.gallery.materialize(image_size), tuple(image_size), split.split_hash, split.info)
+            if self.queries is not None:
+                split = query_subset(split, self.queries, self.protocol.seed)
             self._splits[key] = split
         return self._splits[key]
 
@@ -112,6 +121,19 @@ class Runner:
         key = json.dumps({"entry": entry.id, "dataset": dataset}, sort_keys=True)
         if key in self._bundles:
             return self._bundles[key]
+        if entry.id in self.provided:  # a model object handed to reidbench.benchmark: nothing to load
+            model, weights_sha256 = self.provided[entry.id]
+        else:
+            model, weights_sha256 = self.load_model(entry)
+        defended = DefendedModel(model, build_defense(entry.defense)).to(self.device).eval()
+        split = self.split_for(dataset or entry.dataset, tuple(model.input_size))
+        check_model_fits(model, split, f"model '{entry.id}'")
+        bundle = ModelBundle(entry, defended, split, weights_sha256)
+        self._bundles[key] = bundle
+        return bundle
+
+    def load_model(self, entry: ZooEntry) -> tuple[torch.nn.Module, str]:
+        """The entry's model with its weights (obtained, trained or imported) and their sha256."""
         # Borrowed weights are trained on the lending entry's own split (the same training
         # data; a cross-modality direction may differ).
         train_split = self.split_for(training_entry(entry, self.zoo).dataset)
@@ -124,12 +146,7 @@ class Runner:
         else:
             model = build_model(entry.model_spec(), num_classes=0)
             load_weights(model, weights, entry.id, recipe_key=training_entry(entry, self.zoo).recipe_key())
-        defended = DefendedModel(model, build_defense(entry.defense)).to(self.device).eval()
-        split = self.split_for(dataset or entry.dataset, tuple(model.input_size))
-        check_model_fits(model, split, f"model '{entry.id}'")
-        bundle = ModelBundle(entry, defended, split, sha256_file(weights))
-        self._bundles[key] = bundle
-        return bundle
+        return model, sha256_file(weights)
 
     def clean_features(self, bundle: ModelBundle) -> dict:
         if not bundle.features:
@@ -171,6 +188,10 @@ class Runner:
                 "rerank": self.rerank, "engine": __version__}
         if "surrogate" in attack.needs:
             blob["surrogate"] = self.surrogate_bundle(bundle).weights_sha256
+        if bundle.entry.is_onnx:  # its preprocessing is part of the entry, not of the weights file
+            blob["input_spec"] = bundle.entry.model
+        if "query_subset" in bundle.split.info:  # absent for full cells, whose keys stay as they were
+            blob["query_subset"] = bundle.split.info["query_subset"]
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def surrogate_bundle(self, bundle: ModelBundle) -> ModelBundle:
@@ -191,11 +212,11 @@ class Runner:
         split = bundle.split
         if "surrogate" in attack.needs and self.protocol.surrogate(split.name) == entry.id:
             return None  # a transfer attack from a model onto itself is the white-box attack
-        path = cell_path(self.results_root, self.protocol.version, split.name, entry.id, attack_id(attack_name, eps))
+        path = cell_path(self.results_root, self.protocol.version, split.name, entry.id, self.cell_id(split, attack_name, eps))
         key = self.input_key(bundle, attack)
         if not self.force and path.exists():
             previous = read_cell(path)
-            if previous is not None and previous.get("input_key") == key:
+            if previous is not None and previous.get("input_key") == key and cell_intact(path, previous):
                 return path
         started = time.time()
         feats = self.clean_features(bundle)
@@ -214,7 +235,8 @@ class Runner:
                       "train_dataset": entry.dataset, "stochastic": bundle.model.stochastic,
                       "differentiable": bundle.model.defense.differentiable},
             "dataset": {"name": split.name, "split_hash": split.split_hash, "num_query": len(split.query),
-                        "num_gallery": len(split.gallery), "image_size": list(split.image_size)},
+                        "num_gallery": len(split.gallery), "image_size": list(split.image_size),
+                        **({"query_subset": split.info["query_subset"]} if "query_subset" in split.info else {})},
             "attack": attack.describe(), "threat_model": attack.threat_model, "perturbed": attack.perturbs,
             "perturbation": {"linf_max": linf, "l2_mean": l2, "eps": eps},
             "zero_gradient_share": zero_share,
@@ -227,6 +249,12 @@ class Runner:
         record["sanity_flags"] = self.sanity_flags(bundle, record)
         write_cell(path, record, per_query)
         return path
+
+    @staticmethod
+    def cell_id(split: ReIDSplit, attack_name: str, eps: float) -> str:
+        """The cell's file name: a query-subset cell never overwrites (or is mistaken for) a full one."""
+        subset = split.info.get("query_subset")
+        return attack_id(attack_name, eps) + (f"-q{subset['queries']}" if subset else "")
 
     def attack_context(self, bundle: ModelBundle, attack: Attack, side: str) -> AttackContext:
         split, feats = bundle.split, bundle.features
@@ -351,7 +379,7 @@ class Runner:
             path = self.run_cell(entry, name, eps, dataset)
             if path is not None:
                 paths.append(path)
-                log(f"[green]✓[/] {entry.id} × {attack_id(name, eps)}")
+                log(f"[green]✓[/] {entry.id} × {path.stem}")
         return paths
 
 

@@ -51,6 +51,7 @@ import numpy as np
 
 from .errors import ReIDBenchError
 from .protocol import Protocol, load_protocol
+from .cache import CorruptArtefact
 from .results import cell_path, read_cell, read_per_query
 
 DEFAULT_TOLERANCE = 3.0
@@ -155,6 +156,9 @@ def _record_reasons(path: Path, record: dict, bundle, runner, pinned: str) -> li
                        f"not this dataset's split {bundle.split.split_hash}")
     if record.get("protocol", {}).get("fingerprint") != runner.protocol.fingerprint():
         reasons.append(f"{name}: computed under another protocol than {runner.protocol.version} as shipped")
+    subset = record.get("dataset", {}).get("query_subset")
+    if subset:
+        reasons.append(f"{name}: computed on a subset of {subset.get('queries')} queries (--queries); submit full runs")
     if bool(record["model"].get("stochastic")) != bundle.model.stochastic:
         reasons.append(f"{name}: says stochastic={record['model'].get('stochastic')}, but the defense is "
                        f"{'' if bundle.model.stochastic else 'not '}stochastic")
@@ -164,7 +168,11 @@ def _record_reasons(path: Path, record: dict, bundle, runner, pinned: str) -> li
         if not npz.is_file():
             reasons.append(f"{name}: missing file {npz.name} (per-query outcomes)")
             return reasons
-        per_query = read_per_query(path)
+        try:
+            per_query = read_per_query(path, record)
+        except CorruptArtefact as exc:
+            reasons.append(f"{name}: {exc}")
+            return reasons
         for label in ("clean", "attacked"):
             if f"{label}_first_hit" not in per_query or label not in record:
                 reasons.append(f"{name}: no {label} outcomes in the record or in {npz.name}")
@@ -253,7 +261,10 @@ def validate_entry(entry_id: str, zoo: dict, results_root: Path, tolerance: floa
                                                      split.image_size, split.split_hash, split.info), bundle.weights_sha256)
     recomputed, _ = runner.score(sub, {"query": feats["query"][index], "gallery": feats["gallery"]}, adv_feats,
                                  feats["gallery"])
-    submitted = read_per_query(cell)
+    try:
+        submitted = read_per_query(cell)
+    except CorruptArtefact:
+        return verdict  # already a reason of the record's
     for label, title in (("clean", "clean"), ("attacked", VALIDATION_ATTACK)):
         claimed = summary_from_per_query(submitted, label, index)
         for metric, metric_title in (("rank1", "Rank-1"), ("mAP", "mAP")):
@@ -294,9 +305,9 @@ def submitted_entries(base_ref: str, zoo_path: Optional[str | Path] = None, resu
     whose files under ``results`` changed (the folder name of a cell is its entry id)."""
     import tempfile
 
-    from .zoo import DEFAULT_ZOO, load_zoo
+    from .zoo import default_zoo_path, load_zoo
 
-    zoo_path = Path(zoo_path or DEFAULT_ZOO).resolve()
+    zoo_path = Path(zoo_path or default_zoo_path()).resolve()
     top = Path(_git("rev-parse", "--show-toplevel", cwd=zoo_path.parent).strip())
     merge_base = _git("merge-base", base_ref, "HEAD", cwd=top).strip()
     relative = zoo_path.relative_to(top).as_posix()

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 
 from .errors import ReIDBenchError, first_line, unknown_name
 
-DEFAULT_ZOO = Path(__file__).resolve().parent.parent / "model_zoo.yaml"
+#: the zoo shipped with the package (in a checkout, a symlink to the top-level model_zoo.yaml)
+DEFAULT_ZOO = Path(__file__).resolve().parent / "bundled" / "model_zoo.yaml"
 
 # field -> (accepted types, required)
 _ENTRY_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
@@ -67,7 +68,7 @@ class ZooEntry:
     suite: list = field(default_factory=lambda: ["default"])
     description: str = ""
     # relative weight paths are read from here; where the file lies is not part of the entry
-    zoo_dir: Path = field(default=DEFAULT_ZOO.parent, compare=False)
+    zoo_dir: Path = field(default=DEFAULT_ZOO.resolve().parent, compare=False)
 
     @property
     def is_onnx(self) -> bool:
@@ -166,9 +167,16 @@ def _check_entry(raw: Any, position: int, source: Path) -> ZooEntry:
     return entry
 
 
+def default_zoo_path() -> Path:
+    """The zoo used without ``--zoo``: ``./model_zoo.yaml`` when the working directory has one
+    (a user's own zoo, or the checkout's), else the one shipped with the package."""
+    local = Path("model_zoo.yaml")
+    return local if local.is_file() else DEFAULT_ZOO
+
+
 def load_zoo(path: Optional[str | Path] = None) -> dict[str, ZooEntry]:
     """Parse and check a zoo file; any problem is one ReIDBenchError naming entry and field."""
-    path = Path(path) if path else DEFAULT_ZOO
+    path = Path(path) if path else default_zoo_path()
     if not path.is_file():
         raise ReIDBenchError(f"model zoo file not found: {path}")
     try:
@@ -281,7 +289,26 @@ def trained_weights_dir(entry: ZooEntry) -> Path:
 
 def download_hub_weights(entry: ZooEntry) -> Path:
     """Fetch pinned weights through huggingface_hub (its cache first); verify the sha256
-    before anything is loaded. Each failure is one line saying which one it is."""
+    before anything is loaded. A cached copy that does not match is fetched once more (a
+    pinned revision cannot change, so only the copy can be damaged). Each failure is one
+    line saying which one it is."""
+    path = _hub_download(entry)
+    expected = entry.weights["sha256"].lower()
+    if sha256_file(path) != expected:
+        from .cache import report_corrupt
+
+        report_corrupt(path, "hub weights", "sha256 differs from the pinned one", "fetching them again")
+        try:
+            path = _hub_download(entry, force=True)
+        except ReIDBenchError:
+            pass  # offline or refused: the mismatch below is the one thing to report
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ReIDBenchError(f"weights of '{entry.id}' do not match their sha256 (expected {expected[:12]}…, got {actual[:12]}…)")
+    return path
+
+
+def _hub_download(entry: ZooEntry, force: bool = False) -> Path:
     import logging
 
     from huggingface_hub import hf_hub_download
@@ -294,7 +321,8 @@ def download_hub_weights(entry: ZooEntry) -> Path:
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)  # its retry warnings would break the one-line report
     try:
-        path = Path(hf_hub_download(repo_id=w["repo"], filename=w["file"], revision=w["revision"]))
+        return Path(hf_hub_download(repo_id=w["repo"], filename=w["file"], revision=w["revision"],
+                                    **({"force_download": True} if force else {})))
     except RevisionNotFoundError:
         raise ReIDBenchError(f"{where}: the repo has no revision '{w['revision']}'") from None
     except RepositoryNotFoundError:
@@ -307,10 +335,6 @@ def download_hub_weights(entry: ZooEntry) -> Path:
         raise ReIDBenchError(f"{where}: {first_line(exc)}") from None
     finally:
         hub_logger.setLevel(level)
-    actual = sha256_file(path)
-    if actual != w["sha256"].lower():
-        raise ReIDBenchError(f"weights of '{entry.id}' do not match their sha256 (expected {w['sha256'][:12]}…, got {actual[:12]}…)")
-    return path
 
 
 def local_weights_path(entry: ZooEntry) -> Optional[Path]:
@@ -337,19 +361,39 @@ def existing_weights(entry: ZooEntry) -> Optional[Path]:
         return path
     if "repo" in entry.weights:
         return download_hub_weights(entry)
+    return intact_trained_weights(entry)
+
+
+def intact_trained_weights(entry: ZooEntry) -> Optional[Path]:
+    """The entry's cached trained weights, or None when there are none or they are damaged
+    (reported in one line and deleted, so that the entry is trained again)."""
+    from .cache import load_verified
+
     trained = trained_weights_file(entry)
-    return trained if trained.is_file() else None
+    return load_verified(trained, _readable_weights, "weights")
+
+
+def _readable_weights(path: Path) -> Path:
+    """``path`` when its safetensors header and data size are intact (raises otherwise)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        handle.metadata()
+    return path
 
 
 def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A checkpoint's tensors and (safetensors only) metadata. Torch pickles are read with
     ``weights_only=True``: a checkpoint from the internet must not be able to run code."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError) as exc:  # truncated or not safetensors at all
+            raise ReIDBenchError(f"cannot read weights {path}: {first_line(exc)}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:  # not a plain tensor checkpoint
@@ -451,7 +495,7 @@ def obtain_weights(entry: ZooEntry, split=None, train_missing: bool = True, devi
         from .progress import log
 
         log(f"{exc}; using weights trained locally from its recipe instead")
-        path = trained_weights_file(entry) if trained_weights_file(entry).is_file() else None
+        path = intact_trained_weights(entry)
         train_missing = True
     if path is not None:
         return path

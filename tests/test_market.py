@@ -392,14 +392,16 @@ def test_trainsplit_materialized_cache_round_trip(tmp_path, monkeypatch):
         assert torch.equal(getattr(second, part).pids, getattr(first, part).pids)
 
 
-def test_trainsplit_resized_and_broken_cache_rebuilt(tmp_path):
+def test_trainsplit_resized_and_broken_cache_rebuilt(tmp_path, monkeypatch, capsys):
     trainsplit_layout(tmp_path / "data")
     split = build_dataset("market1501-trainsplit", root=tmp_path / "data", num_train_ids=8, image_size=(8, 4))
     assert split.train.images.shape[1:] == (3, 8, 4)
     cached = tmp_path / "cache" / "decoded" / f"market1501-trainsplit-{split.split_hash}-8x4.pt"
     cached.write_bytes(b"truncated")
-    with pytest.warns(UserWarning, match="ignoring unreadable decoded-image cache"):
-        again = build_dataset("market1501-trainsplit", root=tmp_path / "data", num_train_ids=8, image_size=(8, 4))
+    monkeypatch.setenv("REIDBENCH_QUIET", "0")
+    again = build_dataset("market1501-trainsplit", root=tmp_path / "data", num_train_ids=8, image_size=(8, 4))
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if "corrupt" in ln]
+    assert "corrupt cached decoded dataset" in line and "rebuilding" in line
     assert torch.equal(again.query.images, split.query.images)
     assert cached.stat().st_size > 100
 

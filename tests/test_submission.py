@@ -1,6 +1,7 @@
 """Submissions: `reidbench validate` accepts honest results and rejects tampered ones;
 `reidbench zoo changed` finds what a branch submits; CI runs both on pull requests."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 from reidbench.cli import main
 from reidbench.protocol import Protocol, load_protocol
+from reidbench.results import npz_bytes
 from reidbench.runner import Runner
 from reidbench.validate import choose_subset, committed_subset, subset_file, submitted_entries, validate_entry
 from reidbench.zoo import load_zoo, sha256_file
@@ -109,9 +111,11 @@ def test_tampered_numbers_are_rejected(submission, results, capsys):
     valid = per_query["attacked_first_hit"] >= 0
     per_query["attacked_first_hit"][valid] = 0
     per_query["attacked_ap"][valid] = 1.0
-    np.savez_compressed(cell.with_suffix(".npz"), **per_query)
+    blob = npz_bytes(per_query)
+    cell.with_suffix(".npz").write_bytes(blob)
     record = json.loads(cell.read_text())
     record["attacked"].update(rank1=1.0, mAP=1.0)
+    record.update(per_query_bytes=len(blob), per_query_sha256=hashlib.sha256(blob).hexdigest())
     cell.write_text(json.dumps(record))
     code, reasons, _ = validate(capsys, submission[0], results)
     assert code == 1
@@ -125,6 +129,24 @@ def test_tampered_numbers_are_rejected(submission, results, capsys):
     code, reasons, _ = validate(capsys, submission[0], results)
     assert any("m-ifgsm-eps5.json: attacked rank1 0.5 is not what m-ifgsm-eps5.npz gives (1.000000)" in r
                for r in reasons), reasons
+
+
+def test_a_damaged_per_query_file_is_one_rejection(submission, results, capsys):
+    cell = results / CELL.format("tiny-pinned")
+    npz = cell.with_suffix(".npz")
+    npz.write_bytes(npz.read_bytes()[:-40])
+    code, reasons, _ = validate(capsys, submission[0], results)
+    assert code == 1 and len(reasons) == 1, reasons
+    assert "m-ifgsm-eps5.json: per-query outcomes" in reasons[0] and "are damaged" in reasons[0], reasons
+
+
+def test_a_query_subset_run_is_not_a_submission(submission, results, capsys):
+    zoo = load_zoo(submission[0])
+    Runner(zoo, results_root=results, device="cpu", rerank=False, progress=False, queries=8).run(
+        [zoo["tiny-pinned"]], ["m-fgsm"])
+    code, reasons, _ = validate(capsys, submission[0], results)
+    assert code == 1 and reasons == ["reidbench: rejected: v1/synthetic/tiny-pinned/m-fgsm-eps5-q8.json: computed on a "
+                                     "subset of 8 queries (--queries); submit full runs"], reasons
 
 
 def test_wrong_weights_hash_is_rejected(submission, tmp_path, capsys):

@@ -105,8 +105,8 @@ def test_exactly_one_query_per_test_identity_and_camera(tiny):
 def test_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("REIDBENCH_CACHE", str(tmp_path))
     first = build_synthetic(preset="tiny", seed=3)
-    files = list((tmp_path / "synthetic").iterdir())
-    assert len(files) == 1
+    files = list((tmp_path / "synthetic").glob("*.pt"))
+    assert len(files) == 1 and (tmp_path / "synthetic" / f"{files[0].name}.check").is_file()
     name = files[0].name
     assert "tiny" in name and "seed3" in name and f"v{GENERATOR_VERSION}" in name
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "synthetic").iterdir())
@@ -134,7 +134,7 @@ def test_a_corrupt_cache_file_is_regenerated(tiny, tiny_root, tmp_path):
     (tmp_path / cached.name).write_bytes(b"not a torch file")
     split = build_synthetic(root=tmp_path, preset="tiny")
     assert torch.equal(split.train.images, tiny.train.images)
-    assert synthetic._load_cached(tmp_path / cached.name) is not None
+    assert synthetic._load_cached(tmp_path / cached.name) is not None  # rebuilt, and loads
 
 
 def test_unknown_preset_suggests_the_closest_name():

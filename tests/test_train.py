@@ -38,7 +38,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_split, tmp_path, mo
     recipe = Recipe.from_dict(RECIPE)
     full = train_model(_model(tiny_split), tiny_split.train, recipe, tmp_path / "full", progress=False)
 
-    real_save, saves = loop._atomic_torch_save, []
+    real_save, saves = loop.save_torch, []
 
     def save_then_die(obj, path):
         real_save(obj, path)
@@ -46,10 +46,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_split, tmp_path, mo
         if len(saves) == 2:  # killed right after the second epoch's checkpoint
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "_atomic_torch_save", save_then_die)
+    monkeypatch.setattr(loop, "save_torch", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_model(_model(tiny_split), tiny_split.train, recipe, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(loop, "_atomic_torch_save", real_save)
+    monkeypatch.setattr(loop, "save_torch", real_save)
     resumed = train_model(_model(tiny_split), tiny_split.train, recipe, tmp_path / "resumed", progress=False)
 
     assert resumed.epochs_run == 1

@@ -85,7 +85,7 @@ def test_hub_weights_come_from_the_hub_cache_and_are_hash_checked(tmp_path, monk
     _, path, digest = _weights(tmp_path)
     calls = []
 
-    def fake_download(repo_id, filename, revision):
+    def fake_download(repo_id, filename, revision, force_download=False):
         calls.append((repo_id, filename, revision))
         return str(path)
 

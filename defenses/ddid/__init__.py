@@ -85,7 +85,8 @@ from reidbench.errors import ReIDBenchError
 from reidbench.progress import log
 from reidbench.registry import DEFENSES
 from reidbench.attack import build_attack
-from reidbench.train.loop import _atomic_safetensors, _atomic_torch_save, _fingerprint, relabel
+from reidbench.cache import fingerprint as _fingerprint, load_verified
+from reidbench.cache import save_safetensors as _atomic_safetensors, save_torch as _atomic_torch_save
 
 from .balance import NO_CAMERA, check_balance_options, has_camera_labels, plan_balance, select_diverse, thumbnail_features
 from .diffusion import ConditionalDDPM, ConditionalUNet, train_ddpm
@@ -192,8 +193,9 @@ class DDID(Defense):
         root = cache_dir() / "ddid"
         root.mkdir(parents=True, exist_ok=True)
         ddpm_path = root / f"ddpm-{self._ddpm_key(split)}.safetensors"
-        if ddpm_path.is_file():
-            ddpm.net.load_state_dict(load_file(str(ddpm_path)))
+        state = load_verified(ddpm_path, lambda p: load_file(str(p)), "DDID DDPM")
+        if state is not None:
+            ddpm.net.load_state_dict(state)
             ddpm.net.to(device)
             return ddpm
         started = time.time()
@@ -214,8 +216,8 @@ class DDID(Defense):
         use_cameras = self.uses_cameras(split)
         root = cache_dir() / "ddid"
         generated_path = root / f"generated-{_fingerprint({'ddpm': self._ddpm_key(split), **{k: p[k] for k in _SAMPLING_KEYS}})}.pt"
-        if generated_path.is_file():
-            data = torch.load(generated_path, weights_only=True)
+        data = load_verified(generated_path, lambda p: torch.load(p, weights_only=True), "DDID generated set")
+        if data is not None:
             return ReIDSubset(data["pids"], data["camids"], images=data["images"])
         train = split.train
         ids = torch.unique(train.pids)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ..cache import cache_dir
 from ..registry import DATASETS
 from .split import (DIRECTIONS, MODALITIES, ReIDSplit, ReIDSubset, TrackletSubset, concat_subsets,
                     cross_modality_direction, read_image, resize_uint8)
@@ -18,11 +19,6 @@ __all__ = ["DATASETS", "ReIDSplit", "ReIDSubset", "TrackletSubset", "MODALITIES"
 
 #: dataset options that change only how the test samples are queried, never the training data
 EVALUATION_ONLY_OPTIONS = ("direction",)
-
-
-def cache_dir() -> Path:
-    """Where generated data, decoded images and trained weights are cached."""
-    return Path(os.environ.get("REIDBENCH_CACHE", Path.home() / ".cache" / "reidbench")).expanduser()
 
 
 def data_roots() -> list[Path]:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -203,42 +201,27 @@ def _cache_file(dataset: str, split_hash: str, size: tuple[int, int]) -> Path:
 
 
 def _load_cache(path: Path, split: ReIDSplit, size: tuple[int, int]) -> Optional[dict]:
-    if not path.is_file():
-        return None
-    try:
+    from ..cache import load_verified
+
+    def load(path: Path) -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        ok = blob.get("split_hash") == split.split_hash and all(
+        if blob.get("split_hash") != split.split_hash or not all(
             isinstance(blob.get(part), torch.Tensor)
             and blob[part].dtype == torch.uint8
             and tuple(blob[part].shape) == (len(getattr(split, part)), 3, *size)
             for part in ("train", "query", "gallery")
-        )
-    except Exception as exc:  # a cache is ours to rebuild, whatever broke it
-        warnings.warn(f"ignoring unreadable decoded-image cache {path}: {exc.__class__.__name__}: {exc}")
-        return None
-    if not ok:
-        warnings.warn(f"ignoring decoded-image cache {path}: it does not match the split")
-        return None
-    return blob
+        ):
+            raise ValueError("it does not match the split")
+        return blob
+
+    return load_verified(path, load, "decoded dataset")
 
 
 def _save_cache(path: Path, blob: dict) -> None:
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(blob, fh)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache should stay readable
-        # Readers (another process building the same split) only ever see a complete file.
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        # A read-only or full cache disk should cost speed on the next run, not this run.
-        warnings.warn(f"could not write decoded-image cache {path}: {exc}")
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    from ..cache import save_torch
+
+    # A read-only or full cache disk should cost speed on the next run, not this run.
+    save_torch(blob, path, best_effort=True)
 
 
 def materialize_split(split: ReIDSplit, dataset: str, size: tuple[int, int]) -> ReIDSplit:

@@ -244,6 +244,12 @@ class TrackletSubset:
         """Float tracklets in [0, 1], (B, T, 3, H, W)."""
         return self.load_uint8(index, size).float().div_(255.0)
 
+    def select(self, index: Sequence[int]) -> "TrackletSubset":
+        """The tracklets at ``index``, in that order (sharing the stored frames)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return TrackletSubset(self.frames, self.index[index], self.pids[index], self.camids[index],
+                              None if self.modality is None else self.modality[index])
+
     def materialize(self, size: Optional[tuple[int, int]] = None) -> "TrackletSubset":
         """Decode into memory (at ``size``) only the frames the tracklets use."""
         used, inverse = torch.unique(self.index, return_inverse=True)
@@ -294,6 +300,19 @@ def fingerprint(split: ReIDSplit) -> str:
             h.update(b"tracklets" + part.index.numpy().tobytes())
         h.update(b"|")
     return h.hexdigest()[:16]
+
+
+def query_subset(split: ReIDSplit, n: int, seed: int) -> ReIDSplit:
+    """``split`` with ``n`` of its queries: the first ``n`` of a permutation seeded by ``seed``,
+    in their stored order (so a smaller subset is part of a larger one), against the whole
+    gallery. ``info["query_subset"]`` says which; the split hash stays the full split's."""
+    total = len(split.query)
+    if not 1 <= n <= total:
+        raise ReIDBenchError(f"--queries {n}: dataset '{split.name}' has {total} queries; ask for 1 to {total}")
+    index = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    info = dict(split.info, query_subset={"queries": n, "of": total, "seed": seed})
+    return ReIDSplit(split.name, split.train, split.query.select(index), split.gallery, split.image_size,
+                     split.split_hash, info)
 
 
 def cross_modality_direction(split: ReIDSplit, direction: str) -> ReIDSplit:

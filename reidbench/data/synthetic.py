@@ -35,8 +35,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -653,35 +651,18 @@ def preset_config(dataset: str, presets: dict, preset: str, overrides: dict):
 def load_or_generate(path: Path, cache: bool, generate_data, required: Iterable[str] = SPLIT_KEYS) -> dict:
     """The generated tensors cached at ``path`` when they hold every ``required`` key, else
     ``generate_data()``, written to ``path`` when ``cache`` is on."""
-    data = _load_cached(path, required) if cache else None
-    if data is None:
-        data = generate_data()
-        if cache:
-            _save_atomic(data, path)
+    from ..cache import load_or_build, save_torch
+
+    if not cache:
+        return generate_data()
+    return load_or_build(path, lambda p: _load_cached(p, required), generate_data, save_torch, "synthetic dataset")
+
+
+def _load_cached(path: Path, required: Iterable[str] = SPLIT_KEYS) -> dict[str, torch.Tensor]:
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(data, dict) and set(required) <= data.keys()):
+        raise ValueError(f"it lacks {sorted(set(required) - set(data) if isinstance(data, dict) else required)[:3]}")
     return data
-
-
-def _load_cached(path: Path, required: Iterable[str] = SPLIT_KEYS) -> Optional[dict[str, torch.Tensor]]:
-    if not path.is_file():
-        return None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # A cache is only a copy: one this torch cannot read is regenerated, never fatal.
-        return None
-    return data if isinstance(data, dict) and set(required) <= data.keys() else None
-
-
-def _save_atomic(data: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @DATASETS.register("synthetic")

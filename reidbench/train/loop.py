@@ -9,18 +9,17 @@ resumption; a defense only changes how a batch is prepared and which loss is min
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..cache import fingerprint, load_verified, save_safetensors, save_torch
 from ..data.sampler import PKSampler
 from ..data.split import ReIDSubset, TrackletSubset
 from ..errors import ReIDBenchError
@@ -100,22 +99,6 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(state: dict, path: Path, metadata: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def _on_device(train, device: torch.device):
     """On a GPU, the decoded training images move there once (uint8; Market at 256x128 is
     0.85 GB), so batches are gathered and augmented on the device instead of being built on
@@ -156,7 +139,7 @@ def train_model(
     defense = defense or Defense()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    key = _fingerprint({"recipe": recipe.to_dict(), "run": run_key or {}})
+    key = fingerprint({"recipe": recipe.to_dict(), "run": run_key or {}})
     device = torch.device(device)
     model.to(device)
     use_amp = recipe.amp and device.type == "cuda"
@@ -177,10 +160,12 @@ def train_model(
 
     start_epoch, history = 0, []
     state_path, last_path = workdir / "last_state.pt", workdir / "last.safetensors"
-    if state_path.exists() and last_path.exists():
-        state = torch.load(state_path, weights_only=True)
+    # A damaged checkpoint (a run killed mid-copy, a full disk) is reported and training starts over.
+    state = load_verified(state_path, lambda p: torch.load(p, weights_only=True), "training state")
+    last = load_verified(last_path, lambda p: load_file(str(p), device=str(device)), "checkpoint") if state else None
+    if state is not None and last is not None:
         if state.get("key") == key:
-            model.load_state_dict(load_file(str(last_path), device=str(device)))
+            model.load_state_dict(last)
             optimizer.load_state_dict(state["optimizer"])
             defense.load_training_state(state.get("defense", {}))
             start_epoch, history = int(state["epoch"]) + 1, json.loads(state["history"])
@@ -229,13 +214,13 @@ def train_model(
             if progress and not console.is_terminal:  # a log file gets one line per epoch instead of a live bar
                 log(f"{workdir.name}: epoch {epoch + 1}/{recipe.epochs} " + " ".join(
                     f"{k} {v:.4f}" for k, v in history[-1].items() if k != "epoch"))
-            _atomic_safetensors(model.state_dict(), last_path, {"epoch": str(epoch)})
-            _atomic_torch_save(
+            save_safetensors(model.state_dict(), last_path, {"epoch": str(epoch)})
+            save_torch(
                 {"key": key, "epoch": epoch, "optimizer": optimizer.state_dict(), "history": json.dumps(history),
                  "defense": defense.training_state()}, state_path
             )
     final = workdir / "model.safetensors"
     metadata = {"recipe": json.dumps(recipe.to_dict(), sort_keys=True), "history": json.dumps(history), "key": key}
     metadata.update({k: json.dumps(v, sort_keys=True, default=str) for k, v in (run_key or {}).items()})
-    _atomic_safetensors(model.state_dict(), final, metadata)
+    save_safetensors(model.state_dict(), final, metadata)
     return TrainResult(final, recipe.epochs - start_epoch, history, time.time() - started)
