@@ -12,8 +12,8 @@ from reidbench.defense import DefendedModel, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.registry import DEFENSES
 
-ALL = ["none", "at", "goat", "goat-sma", "goat-fna", "jad", "jad-proactive", "cs", "rrp", "jpeg"]
-TRAINING = ["at", "goat", "goat-sma", "goat-fna", "jad", "jad-proactive"]
+ALL = ["none", "at", "goat", "goat-ce", "goat-sma", "goat-fna", "jad", "jad-proactive", "cs", "rrp", "jpeg"]
+TRAINING = ["at", "goat", "goat-ce", "goat-sma", "goat-fna", "jad", "jad-proactive"]
 
 
 def batch(seed=0, b=8, h=64, w=32):
@@ -190,7 +190,7 @@ def test_each_defense_trains_a_few_steps_and_lowers_its_loss(name, tiny_split, t
     model = build_model({"backbone": "resnet10t", "input_size": [32, 16]}, num_classes=tiny_split.num_train_ids)
     recipe = Recipe(epochs=4, p=8, k=4, lr=1e-3, warmup_epochs=0, iters_per_epoch=3, random_erasing=0.0,
                     schedule="cosine")
-    overrides = {"iterations": 2} if name in ("at", "goat", "goat-sma", "goat-fna") else {}
+    overrides = {"iterations": 2} if name.startswith(("at", "goat")) else {}
     result = train_model(model, tiny_split.train, recipe, tmp_path / name, defense=build_defense({"name": name, **overrides}),
                          progress=False)
     losses = [h["loss"] for h in result.history]
