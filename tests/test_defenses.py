@@ -64,8 +64,13 @@ def test_channel_fusion_takes_its_channels_from_rgb_and_the_other():
 def test_circuitous_scaling_is_differentiable_with_a_nonzero_gradient():
     x = batch().requires_grad_(True)
     scaling = CircuitousScaling()
-    assert scaling.steps_for(256, 128) == [(110, 50), (220, 100), (110, 50)]
-    assert scaling.steps_for(64, 32) == [(28, 12), (55, 25), (28, 12)]
+    # The paper's steps are relative to the image's native size (Market: 128x64).
+    assert scaling.steps_for(128, 64) == [(110, 50), (220, 100), (110, 50)]
+    assert scaling.steps_for(64, 32) == [(55, 25), (110, 50), (55, 25)]
+    # A Market image resized to 256x128 keeps the reference's steps on its native size.
+    assert CircuitousScaling(native=(128, 64)).steps_for(256, 128) == [(110, 50), (220, 100), (110, 50)]
+    # The pre-v2 reading (ratios of a 256x128 input) stays available.
+    assert CircuitousScaling(reference=(256, 128)).steps_for(64, 32) == [(28, 12), (55, 25), (28, 12)]
     y = scaling(x)
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
     (grad,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
@@ -266,3 +271,14 @@ def test_oblivious_attack_ignores_the_transform_and_adaptive_differentiates_thro
     plain_on_bare = build_attack("m-ifgsm", 5 / 255, 1 / 255, 3)(bare, x, ctx)
     assert torch.equal(oblivious(defended, x, ctx), plain_on_bare)
     assert not torch.equal(build_attack("m-ifgsm", 5 / 255, 1 / 255, 3)(defended, x, ctx), plain_on_bare)
+
+
+@pytest.mark.parametrize("name", ["cs", "jad"])
+def test_the_scaling_reading_enters_the_cell_key_but_not_the_training_record(name):
+    described = build_defense(name).describe()
+    assert described["scaling_reference"] == [128, 64] and described["native_size"] is None
+    assert build_defense({"name": name, "scaling_reference": [256, 128]}).describe() != described
+    if name == "jad":  # JAD trains: its scaling must not look like a training change
+        assert {"scaling_reference", "native_size"} <= set(type(build_defense(name)).inference_params)
+    with pytest.raises(ReIDBenchError, match="native"):
+        build_defense({"name": name, "native_size": [128]})
