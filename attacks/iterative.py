@@ -56,7 +56,9 @@ class IterativeMetricAttack(Attack):
       (EOT), which is why the rank is the default. Under EOT, each draw of the forward pass
       ranks the query: a point is worse when fewer draws keep the match at Rank-1, then when
       its mean rank is lower. The rank is the attacker's own, from its model and the clean
-      gallery features of its context (a transfer attacker ranks on its surrogate).
+      gallery features of its context (a transfer attacker ranks on its surrogate; a
+      gallery-perturbing attack, whose roles are swapped, ranks the attacked gallery image
+      against the clean queries, a proxy of the queries' rankings the evaluation measures).
     * ``restarts``: the number of runs, as AutoAttack's ``n_restarts`` (1 = no restart). Only
       a randomised attack restarts (a random start, random draws such as SG's guide or LTA's
       greyscale patches, or EOT on a stochastic model): a deterministic one would repeat

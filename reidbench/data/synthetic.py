@@ -135,8 +135,8 @@ class SyntheticConfig:
     shift: float = 0.08
     # Long tail of images per identity: 0 draws an identity's count uniformly in
     # ``images_per_id``; a > 0 draws it with probability ∝ n^-a over that range, so most
-    # identities have a few images and some have dozens (Market-1501's train set: 2 to 72 per
-    # identity, 17 on average). The number of cameras is then capped at what the count allows.
+    # identities have a few images and some have dozens, as in Market-1501's train set. The
+    # number of cameras is then capped at what the count allows.
     images_per_id_tail: float = 0.0
     # Share of an identity's images beyond two per camera that go to one camera of its own,
     # drawn per identity (0: spread evenly), so that identities are dominated by one camera as
@@ -195,14 +195,10 @@ PRESETS: dict[str, SyntheticConfig] = {
     "medium": SyntheticConfig(num_train_ids=500, num_test_ids=250, height=128, width=64),
     # Long-tailed and camera-dominated, the imbalance DDID's data balancing answers: 4 to 40
     # images per identity, ∝ n^-1.5, and 80% of the images beyond two per camera in one camera.
-    # ``small`` is its balanced counterpart (same identities and cameras, about as many images:
-    # 1,366 train images against 1,444). Train split, seed 0: 4 / 8 / 11.4 / 38 images per
-    # identity (min / median / mean / max), the most frequent camera holds 58% of an identity's
-    # images on average and more than half for 52% of identities (``small``: 10 / 12 / 12.0 /
-    # 14, 44%, 22%). Market-1501's train set for comparison: 2 / 15 / 17.2 / 72, 39%, 12% (6
-    # cameras, up to 6 per identity): its tail is real, its camera dominance weaker; the preset
-    # exaggerates the latter so that DDID's camera rule has identities to act on.
-    # ``tiny-longtail`` is the test-sized version.
+    # ``small`` is its balanced counterpart (same identities and cameras, about as many images).
+    # Market-1501's train set has a real tail but weaker camera dominance: the preset
+    # exaggerates the latter so that DDID's camera rule has identities to act on (statistics of
+    # both: benchmarks/results/dataset-balance.md). ``tiny-longtail`` is the test-sized version.
     "longtail": SyntheticConfig(images_per_id=(4, 40), images_per_id_tail=1.5, dominant_camera=0.8),
     "tiny-longtail": SyntheticConfig(num_train_ids=16, num_test_ids=12, num_cameras=4, cameras_per_id=(2, 3),
                                      images_per_id=(4, 24), images_per_id_tail=1.5, dominant_camera=0.8),
