@@ -256,6 +256,9 @@ def test_a_defense_refuses_a_dataset_it_cannot_train_on(tiny_split):
 
 
 def test_oblivious_attack_ignores_the_transform_and_adaptive_differentiates_through_it(tiny_model, tiny_split):
+    import dataclasses
+
+    from reidbench.attack import SurrogateView
     from reidbench.features import embed
 
     bare = tiny_model.model
@@ -263,12 +266,15 @@ def test_oblivious_attack_ignores_the_transform_and_adaptive_differentiates_thro
     queries = tiny_split.query.materialize((64, 32))
     x = queries.images[:16].float() / 255
     with torch.no_grad():
-        feats = embed(defended, x)
+        feats, bare_feats = embed(defended, x), embed(bare, x)
     ctx = AttackContext(query_pids=queries.pids[:16], query_camids=queries.camids[:16], query_feats=feats,
-                        gallery_feats=feats, gallery_pids=queries.pids[:16], gallery_camids=queries.camids[:16] + 1)
+                        gallery_feats=feats, gallery_pids=queries.pids[:16], gallery_camids=queries.camids[:16] + 1,
+                        bare=SurrogateView("tiny", bare, bare_feats, bare_feats))
     oblivious = build_attack("oblivious", 5 / 255, 1 / 255, 3)
-    assert oblivious.threat_model == "oblivious"
-    plain_on_bare = build_attack("m-ifgsm", 5 / 255, 1 / 255, 3)(bare, x, ctx)
+    assert oblivious.threat_model == "oblivious" and "bare" in oblivious.needs
+    # Gradients and guides both from the network without the transform.
+    bare_ctx = dataclasses.replace(ctx, query_feats=bare_feats, gallery_feats=bare_feats, bare=None)
+    plain_on_bare = build_attack("m-ifgsm", 5 / 255, 1 / 255, 3)(bare, x, bare_ctx)
     assert torch.equal(oblivious(defended, x, ctx), plain_on_bare)
     assert not torch.equal(build_attack("m-ifgsm", 5 / 255, 1 / 255, 3)(defended, x, ctx), plain_on_bare)
 
