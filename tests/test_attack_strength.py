@@ -162,3 +162,28 @@ def test_oblivious_computes_its_guides_with_the_bare_network(setting):
     ctx.bare = None
     with pytest.raises(ReIDBenchError, match="bare network"):
         build_attack("oblivious", eps=EPS, step=STEP, iterations=1)(defended, x, ctx)
+
+
+def test_the_runner_gives_the_oblivious_attack_the_bare_features(tiny_model, tiny_zoo_file, tmp_path):
+    from reidbench.runner import Runner
+    from reidbench.zoo import load_zoo
+
+    zoo_file = tmp_path / "zoo.yaml"
+    zoo_file.write_text(tiny_zoo_file.read_text() + """
+- id: tiny-cs
+  backbone: resnet10t
+  dataset: {name: synthetic, preset: tiny}
+  defense: {name: cs}
+  model: {input_size: [64, 32], last_stride: 1}
+  weights: {from: tiny-none}
+""")
+    runner = Runner(load_zoo(zoo_file), results_root=tmp_path / "results", protocol=load_protocol("v1"), device="cpu",
+                    progress=False, rerank=False)
+    bundle = runner.bundle(runner.zoo["tiny-cs"])
+    runner.clean_features(bundle)
+    ctx = runner.attack_context(bundle, runner.make_attack("oblivious", EPS, bundle), "query")
+    size = tuple(bundle.model.input_size)
+    expected = extract_features(bundle.model.model, bundle.split.gallery, size, progress=False)
+    assert ctx.bare is not None and torch.allclose(ctx.bare.gallery_feats, expected, atol=1e-6)
+    assert not torch.allclose(ctx.gallery_feats, expected, atol=1e-3)  # the defended pipeline's differ
+    assert runner.attack_context(bundle, runner.make_attack("m-ifgsm", EPS, bundle), "query").bare is None
