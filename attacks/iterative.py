@@ -162,17 +162,23 @@ class IterativeMetricAttack(Attack):
         x0 = queries.detach()
         adv, score = self._run(model, x0, base)
         runs = self.restarts if self.randomized(model) else 1
-        for _ in range(1, runs):
-            # The cascade: only what still holds its match at Rank-1 (score column 0 < 1) runs again.
-            unbroken = (score[:, 0] < 1).nonzero().flatten()
-            if not len(unbroken):
-                break
-            index = unbroken.cpu()
-            # Same generator object: the restart's draws continue the seeded stream.
-            new_adv, new_score = self._run(model, x0[unbroken], base.batch(index))
-            worse = self._worse(new_score, score[unbroken])
-            adv[unbroken[worse]] = new_adv[worse]
-            score[unbroken[worse]] = new_score[worse]
+        if runs == 1:
+            return adv
+        # A stochastic transform draws from the global RNG: the restarts draw from a fork of it,
+        # so that the draws after the attack (the evaluation's) are the same however many
+        # restarts ran -- the submission check attacks a subset of a batch, which may restart less.
+        with torch.random.fork_rng(devices=[x0.device.index or 0] if x0.is_cuda else []):
+            for _ in range(1, runs):
+                # The cascade: only what still holds its match at Rank-1 (score column 0 < 1) runs again.
+                unbroken = (score[:, 0] < 1).nonzero().flatten()
+                if not len(unbroken):
+                    break
+                index = unbroken.cpu()
+                # Same generator object: the restart's draws continue the seeded stream.
+                new_adv, new_score = self._run(model, x0[unbroken], base.batch(index))
+                worse = self._worse(new_score, score[unbroken])
+                adv[unbroken[worse]] = new_adv[worse]
+                score[unbroken[worse]] = new_score[worse]
         return adv
 
     def _run(self, model, x0: torch.Tensor, base: AttackContext):

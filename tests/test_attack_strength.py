@@ -187,3 +187,30 @@ def test_the_runner_gives_the_oblivious_attack_the_bare_features(tiny_model, tin
     assert ctx.bare is not None and torch.allclose(ctx.bare.gallery_feats, expected, atol=1e-6)
     assert not torch.allclose(ctx.gallery_feats, expected, atol=1e-3)  # the defended pipeline's differ
     assert runner.attack_context(bundle, runner.make_attack("m-ifgsm", EPS, bundle), "query").bare is None
+
+
+def test_restarts_leave_the_global_rng_as_a_single_run_does(setting, monkeypatch):
+    from defenses.transforms import RandomResizePad
+
+    runs = []
+    run = IterativeMetricAttack._run
+    monkeypatch.setattr(IterativeMetricAttack, "_run", lambda self, m, x0, base: runs.append(len(x0)) or run(self, m, x0, base))
+
+    class RRP(Defense):
+        stochastic = True
+
+        def input_transform(self):
+            return RandomResizePad()
+
+    model, split, queries, _ = setting
+    defended = DefendedModel(model.model, RRP()).eval()
+    index = torch.arange(len(queries))
+    ctx = white_box_context(defended, split, index)
+    after = []
+    for restarts in (1, 3):
+        torch.manual_seed(5)
+        build_attack("sma", eps=1 / 255, step=STEP, iterations=1, eot_samples=2, best_iterate=True,
+                     restarts=restarts)(defended, queries[index], fresh(ctx))
+        after.append(torch.rand(4))
+    assert len(runs) > 2, "the test needs the second attack to restart"
+    assert torch.equal(*after)
