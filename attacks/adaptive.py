@@ -12,6 +12,7 @@ the inner attack's.
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch.nn as nn
 
@@ -34,6 +35,7 @@ class _AdaptiveAttack(Attack):
 
     #: what the wrapper does, recorded by describe() since it depends on the model attacked
     rule = ""
+    strengthenable = True  # handed on to the inner attack
 
     def __init__(self, eps, step, iterations, seed=0, inner: str = "m-ifgsm", eot_samples: int = 10):
         if not issubclass(ATTACKS.get(inner), IterativeMetricAttack):
@@ -53,7 +55,8 @@ class _AdaptiveAttack(Attack):
 
     def inner_attack(self, eot_samples: int = 1) -> Attack:
         return build_attack(self.params["inner"], eps=self.eps, step=self.step, iterations=self.iterations,
-                            seed=self.seed, eot_samples=eot_samples)
+                            seed=self.seed, eot_samples=eot_samples, restarts=self.restarts,
+                            best_iterate=self.best_iterate)
 
     def perturb(self, model, queries, ctx):
         defended = isinstance(model, DefendedModel) and model.transform is not None
@@ -102,17 +105,27 @@ class BPDAAttack(_AdaptiveAttack):
 class Oblivious(_AdaptiveAttack):
     """The non-adaptive reference point: an attacker oblivious of the defense (Carlini &
     Wagner, "Adversarial examples are not easily detected", AISec 2017, §3: the "zero-
-    knowledge" adversary). The inner attack follows the gradients of the network *without*
-    the defense's input transform; its queries are then evaluated through the transform, as
-    every cell is. Comparing it with the protocol's white-box cell (which differentiates
-    through the transform, with EOT / BPDA where needed) shows how much of a transform's
-    robustness is only obscurity. Its threat model is "oblivious", so it never enters the
-    white-box worst case. Not part of the v1 grid; run it with ``--attack oblivious``.
+    knowledge" adversary). The inner attack runs entirely on the network *without* the
+    defense's input transform: its gradients, and its guides too -- the clean query and
+    gallery features it aims at or away from are the bare network's (``ctx.bare``, which the
+    runner fills because ``needs`` lists "bare"), not the defended pipeline's, which an
+    attacker unaware of the transform could not compute. Its queries are then evaluated
+    through the transform, as every cell is. Comparing it with the protocol's white-box cell
+    (which differentiates through the transform, with EOT / BPDA where needed) shows how much
+    of a transform's robustness is only obscurity. Its threat model is "oblivious", so it
+    never enters the white-box worst case. Not part of the v1 grid; run it with
+    ``--attack oblivious``.
     """
 
     threat_model = "oblivious"
-    rule = "inner attack on the network without the defense's input transform"
+    needs = ("bare",)
+    rule = "inner attack on the network without the defense's input transform, with that network's guides"
 
     def perturb(self, model, queries, ctx):
-        bare = model.model if isinstance(model, DefendedModel) else model
-        return self.inner_attack()(bare, queries, ctx)
+        if not (isinstance(model, DefendedModel) and model.transform is not None):
+            return self.inner_attack()(model, queries, ctx)  # nothing to be oblivious of
+        if ctx.bare is None:
+            raise ReIDBenchError("attack 'oblivious' needs the bare network's clean features in its context (ctx.bare)")
+        bare_ctx = dataclasses.replace(ctx, query_feats=ctx.bare.query_feats, gallery_feats=ctx.bare.gallery_feats,
+                                       bare=None)
+        return self.inner_attack()(model.model, queries, bare_ctx)

@@ -51,6 +51,8 @@ class SingleGuideIFGSM(MetricIFGSM):
     ``m-ifgsm`` does. No random start, no momentum (``LinfPGDAttack(rand_init=False)``).
     """
 
+    random_draws = True  # the guide: a restart draws another one
+
     def prepare(self, model, queries, ctx):
         mask = ctx.same_identity_mask(exclude_same_camera=not self.params["guides_same_camera"])
         draw = torch.rand(mask.shape, generator=ctx.generator).masked_fill_(~mask.cpu(), -1.0)

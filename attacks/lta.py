@@ -55,6 +55,7 @@ class LocalTransformationAttack(IterativeMetricAttack):
     """
 
     momentum = 1.0
+    random_draws = True  # a fresh guide at every iteration
     AREA = (0.02, 0.4)
     ASPECT = 0.3
     ATTEMPTS = 100

@@ -36,6 +36,7 @@ class TransferAttack(Attack):
 
     threat_model = "transfer"
     needs = ("surrogate",)
+    strengthenable = True  # handed on to the inner attack, which ranks on the surrogate
 
     def __init__(self, eps, step, iterations, seed=0, inner: Optional[str] = None, surrogate: Optional[str] = None):
         if inner is None:
@@ -50,6 +51,11 @@ class TransferAttack(Attack):
 
     def describe(self) -> dict:
         return {**super().describe(), "inner": self.inner.describe(), "surrogate": self.surrogate_id}
+
+    def strengthen(self, restarts: int = 1, best_iterate: bool = False) -> "TransferAttack":
+        super().strengthen(restarts, best_iterate)
+        self.inner.strengthen(restarts, best_iterate)
+        return self
 
     def perturb(self, model, queries, ctx):
         view = ctx.surrogate

@@ -1,57 +1,196 @@
-"""How an attack's result moves with its iteration budget: a gradient-masking check.
+"""The budget sweep: does a defended model's Rank-1 keep falling when the strongest white-box
+attack gets more iterations? A gradient-masking check of protocol v2.
 
-    python benchmarks/attack_budget.py MODEL_ID [--attack m-ifgsm] [--iterations 15 50 100 200]
+    python benchmarks/attack_budget.py MODEL_ID [MODEL_ID ...] [--iterations 15 100 500]
+    python benchmarks/attack_budget.py --all [--suite NAME]     # every defended zoo model
+    options: --attack NAME (else the strongest in the store), --protocol VERSION, --results DIR
 
 Against a real defense, a white-box attack converges: more iterations change little. When a
 defense only hides its gradient (a non-differentiable transform under BPDA, a stochastic one
 under EOT), the attacked metric keeps falling as the budget grows, and the protocol's fixed
-15 iterations overstate robustness (Athalye et al., ICML 2018; Carlini et al., "On Evaluating
-Adversarial Robustness", 2019, §5). The cells are computed exactly as the runner computes
-them (same model, transform, EOT/BPDA, seeds), with only ``iterations`` changed, and are not
-written to the result store: a protocol cell always uses the protocol's budget.
+budget overstates robustness (Athalye et al., ICML 2018; Carlini et al., "On Evaluating
+Adversarial Robustness", 2019, §5).
+
+For each model the attack is, unless ``--attack`` names one, the protocol's strongest
+white-box attack against it: the white-box cell of the result store (at the protocol's ε) with
+the lowest attacked Rank-1, among the attacks whose iteration count can change (not m-fgsm's
+single step, not a universal perturbation). It is rerun exactly as the runner runs it (same
+model, transform, EOT / BPDA, restarts and best iterate, seeds) with only ``iterations``
+changed. The model is **flagged** (``budget-sensitive``) when Rank-1 at the largest budget
+is below the lower end of the 95% identity-bootstrap interval of Rank-1 at the protocol's
+budget; ``still_falling`` says whether the last step (e.g. 100 → 500) alone still lowers it
+below the previous budget's interval, i.e. whether even the largest budget may not have
+converged.
+
+Nothing goes into the cell store (a protocol cell always uses the protocol's budget). The
+findings go to ``<results>/budget-sweep/<version>.json`` (one entry per model, merged with
+earlier runs, with the command that produced them), which
+``reidbench.results.read_budget_sweep`` reads for the leaderboard.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
+import sys
 import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
 
 from reidbench.attack import build_attack
+from reidbench.errors import ReIDBenchError
+from reidbench.protocol import CURRENT_VERSION, load_protocol
+from reidbench.results import BUDGET_FLAG, _atomic_write_bytes, budget_sweep_path, iter_cells
 from reidbench.runner import Runner
 from reidbench.zoo import get_entry, load_zoo
 
+FALLBACK_ATTACK = "m-ifgsm"
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("--attack", default="m-ifgsm")
-    parser.add_argument("--iterations", type=int, nargs="+", default=[15, 50, 100, 200])
-    parser.add_argument("--zoo", default=None)
-    args = parser.parse_args(argv)
 
-    zoo = load_zoo(args.zoo)
-    runner = Runner(zoo, progress=False)
-    bundle = runner.bundle(get_entry(zoo, args.model))
+def rank1_interval(first_hit, query_pids, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float]:
+    """[lo, hi] of Rank-1 by resampling test identities (a query moves with its identity), for
+    a record that carries none (protocol v1's)."""
+    first_hit, query_pids = np.asarray(first_hit), np.asarray(query_pids)
+    valid = first_hit >= 0
+    _, inverse = np.unique(query_pids[valid], return_inverse=True)
+    hits = np.bincount(inverse, weights=(first_hit[valid] == 0).astype(np.float64))
+    counts = np.bincount(inverse).astype(np.float64)
+    draws = np.random.default_rng(seed).multinomial(len(counts), np.full(len(counts), 1.0 / len(counts)), size=resamples)
+    rank1 = (draws @ hits) / np.maximum(draws @ counts, 1.0)
+    tail = (1.0 - level) / 2
+    return [float(np.quantile(rank1, tail)), float(np.quantile(rank1, 1.0 - tail))]
+
+
+def assess(points: dict[int, dict], protocol_iterations: int) -> dict:
+    """The flag from ``{iterations: {"rank1": r, "interval": [lo, hi]}}``: Rank-1 at the largest
+    budget below the interval at the protocol's budget (or the smallest one swept)."""
+    budgets = sorted(points)
+    base = protocol_iterations if protocol_iterations in points else budgets[0]
+    last = points[budgets[-1]]["rank1"]
+    previous = points[budgets[-2]] if len(budgets) > 1 else points[base]
+    return {"base_iterations": base,
+            "drop": points[base]["rank1"] - last,
+            "flag": bool(last < points[base]["interval"][0]),
+            "still_falling": bool(len(budgets) > 1 and last < previous["interval"][0])}
+
+
+def sweepable(name: str, protocol) -> bool:
+    """Whether the attack's iteration count is a real knob (m-fgsm fixes one step; UAP and the
+    learned attacks have no loop over a query)."""
+    probe = build_attack(name, eps=protocol.eps, step=protocol.step, iterations=protocol.iterations + 1)
+    return probe.threat_model == "white-box" and probe.iterations == protocol.iterations + 1 and probe.strengthenable
+
+
+def strongest_attack(results_root: Path, protocol, dataset: str, model_id: str) -> Optional[tuple[str, float]]:
+    """(attack name, attacked Rank-1) of the model's white-box cell with the lowest Rank-1."""
+    best = None
+    for _, record in iter_cells(Path(results_root) / protocol.version / dataset / model_id):
+        if record.get("threat_model") != "white-box" or record.get("perturbed", "query") != "query":
+            continue
+        if abs(float(record.get("perturbation", {}).get("eps", -1)) - protocol.eps) > 1e-9:
+            continue
+        name = record["attack"]["name"]
+        if name not in _known_attacks() or not sweepable(name, protocol):
+            continue
+        key = (record["attacked"]["rank1"], record["attacked"]["mAP"], name)
+        if best is None or key < best:
+            best = key
+    return (best[2], best[0]) if best else None
+
+
+def _known_attacks() -> set[str]:
+    from reidbench.registry import ATTACKS
+
+    return set(ATTACKS.names())
+
+
+def sweep_model(runner: Runner, model_id: str, iterations: list[int], attack_name: Optional[str]) -> dict:
+    protocol = runner.protocol
+    bundle = runner.bundle(get_entry(runner.zoo, model_id))
+    chosen_by = "--attack"
+    if attack_name is None:
+        found = strongest_attack(runner.results_root, protocol, bundle.split.name, model_id)
+        attack_name, chosen_by = (found[0], "lowest white-box Rank-1 in the store") if found else \
+            (FALLBACK_ATTACK, "no white-box cell in the store: fallback")
+    if not sweepable(attack_name, protocol):
+        raise ReIDBenchError(f"attack '{attack_name}' has no iteration count to sweep")
     feats = runner.clean_features(bundle)
-    p = runner.protocol
-    print(f"{args.model} under {args.attack}, ε = {p.eps * 255:g}/255, step {p.step * 255:g}/255 "
-          "(Rank-1 / mAP in %; re-ranked in brackets)\n")
-    print("| iterations | Rank-1 / mAP | re-ranked | seconds |")
-    print("| --- | --- | --- | --- |")
-    for iterations in args.iterations:
-        template = runner.make_attack(args.attack, p.eps, bundle)
-        attack = build_attack(args.attack, eps=p.eps, step=p.step, iterations=iterations, seed=p.seed)
-        if hasattr(template, "eot_samples"):
-            attack.eot_samples = template.eot_samples
+    points = {}
+    for n in iterations:
+        attack = runner.make_attack(attack_name, protocol.eps, bundle)
+        attack.iterations = int(n)
         started = time.time()
         adv, *_ = runner.attack_images(bundle, attack)
-        record, _ = runner.score(bundle, feats, adv, feats["gallery"])
-        a, r = record["attacked"], record.get("attacked_reranked", {})
-        print(f"| {iterations} | {100 * a['rank1']:.1f} / {100 * a['mAP']:.1f} | "
-              f"{100 * r.get('rank1', float('nan')):.1f} / {100 * r.get('mAP', float('nan')):.1f} | "
-              f"{time.time() - started:.0f} |")
-    clean = record["clean"]
-    print(f"\nclean: {100 * clean['rank1']:.1f} / {100 * clean['mAP']:.1f}")
+        record, per_query = runner.score(bundle, feats, adv, feats["gallery"])
+        attacked = record["attacked"]
+        interval = (attacked.get("ci95") or {}).get("rank1") or rank1_interval(
+            per_query["attacked_first_hit"], per_query["query_pids"], seed=protocol.seed)
+        points[int(n)] = {"rank1": attacked["rank1"], "mAP": attacked["mAP"], "interval": [float(v) for v in interval],
+                          "seconds": round(time.time() - started, 1)}
+    verdict = assess(points, protocol.iterations)
+    return {"attack": attack_name, "attack_chosen_by": chosen_by, "attack_settings": attack.describe(),
+            "clean_rank1": record["clean"]["rank1"], "points": {str(k): v for k, v in points.items()}, **verdict,
+            "flag_name": BUDGET_FLAG if verdict["flag"] else None,
+            "weights_sha256": bundle.weights_sha256, "split_hash": bundle.split.split_hash,
+            "dataset": bundle.split.name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_findings(results_root: Path, protocol, findings: dict[str, dict], command: str) -> Path:
+    path = budget_sweep_path(results_root, protocol.version)
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    models = dict(previous.get("models", {}))
+    for model_id, finding in findings.items():
+        models[model_id] = {**finding, "command": command}
+    payload = {"schema": 1, "protocol": {"version": protocol.version, "fingerprint": protocol.fingerprint()},
+               "flag": BUDGET_FLAG, "models": models}
+    _atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*")
+    parser.add_argument("--all", action="store_true", help="every zoo model with a defense")
+    parser.add_argument("--suite", default=None, help="with --all: only the models of this suite")
+    parser.add_argument("--attack", default=None)
+    parser.add_argument("--iterations", type=int, nargs="+", default=[15, 100, 500])
+    parser.add_argument("--protocol", default=CURRENT_VERSION)
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--zoo", default=None)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        zoo = load_zoo(args.zoo)
+        models = list(args.models)
+        if args.all:
+            models += [e.id for e in zoo.values() if e.defense.get("name", "none") not in ("none", None)
+                       and (args.suite is None or args.suite in (e.suite or [])) and e.id not in models]
+        if not models:
+            raise ReIDBenchError("name at least one model, or --all")
+        protocol = load_protocol(args.protocol)
+        runner = Runner(zoo, results_root=Path(args.results), protocol=protocol, device=args.device, progress=False,
+                        rerank=False)
+        command = "python benchmarks/attack_budget.py " + " ".join(argv)
+        findings = {}
+        print(f"protocol {protocol.version}, ε = {protocol.eps * 255:g}/255, step {protocol.step * 255:g}/255; "
+              f"Rank-1 in % [95% interval]; {platform.node()}\n")
+        print("| model | attack | " + " | ".join(f"{n} it." for n in sorted(args.iterations)) + " | flag |")
+        print("| --- | --- | " + " | ".join("---" for _ in args.iterations) + " | --- |")
+        for model_id in models:
+            finding = sweep_model(runner, model_id, sorted(args.iterations), args.attack)
+            findings[model_id] = finding
+            cells = [f"{100 * p['rank1']:.1f} [{100 * p['interval'][0]:.1f}, {100 * p['interval'][1]:.1f}]"
+                     for _, p in sorted(finding["points"].items(), key=lambda kv: int(kv[0]))]
+            flag = (BUDGET_FLAG + (", still falling" if finding["still_falling"] else "")) if finding["flag"] else ""
+            print(f"| {model_id} | {finding['attack']} | " + " | ".join(cells) + f" | {flag} |")
+        path = write_findings(Path(args.results), protocol, findings, command)
+        print(f"\nwritten: {path}")
+    except ReIDBenchError as exc:
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

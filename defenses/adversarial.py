@@ -1,8 +1,10 @@
-"""Adversarial training on the metric: ``at`` and GOAT (``goat``, ``goat-sma``, ``goat-fna``).
+"""Adversarial training on the metric: ``at`` and GOAT (``goat``, ``goat-sma``, ``goat-fna``,
+and ``goat-ce``).
 
-Both replace (part of) every training batch with adversarial examples of the current model
-and train on them with the one shared loss (label-smoothed cross-entropy + batch-hard
-triplet). The inner attack is projected sign-gradient ascent on a feature-space loss, i.e.
+Both replace (part of) every training batch with adversarial examples of the current model.
+``at`` trains on them with the shared loss (label-smoothed cross-entropy + batch-hard
+triplet); GOAT, as the reference code trains it (``train.py --triplet --adv``), with a
+triplet loss alone (below). The inner attack is projected sign-gradient ascent on a feature-space loss, i.e.
 the attack loop of :mod:`attacks.iterative`, with guides taken from the clean training
 batch (no gallery exists at training time). Features are the protocol's L2-normalised
 embeddings, so the inner attack maximises what evaluation measures.
@@ -15,7 +17,16 @@ embeddings, so the inner attack maximises what evaluation measures.
   mixing ratio; these are ours.
 * GOAT (Bouniot et al., "Vulnerability of person re-identification models to metric
   adversarial attacks", CVPRW 2020, §4): 100% adversarial batches, inner PGD ε = 5/255,
-  step 1/255, 7 iterations, random start. Guides by variant: ``goat`` one random other
+  step 1/255, 7 iterations, random start. Training loss as the reference's triplet model:
+  no classifier term, a batch-hard margin ranking loss on the raw embedding (the pre-neck
+  features, not L2-normalised): ``mean relu(d_ap − d_an + margin)`` over anchors, ``d_ap`` the
+  farthest positive and ``d_an`` the nearest negative, Euclidean, ``margin = 10``
+  (``nn.MarginRankingLoss(margin=10)`` on the reference's ``get_distances``);
+  ``soft_margin=True`` is its ``--soft_margin`` option, ``softplus(d_ap − d_an)``. The model
+  keeps its BNNeck and classifier (unused by this loss, so never trained), and is evaluated
+  with the embedding its zoo entry names. ``loss="ce-triplet"`` trains with the shared loss
+  instead; ``goat-ce`` is that variant of ``goat`` (what ``goat`` was before training
+  version 2). Guides by variant: ``goat`` one random other
   same-identity batch image; ``goat-sma`` the image's own clean feature; ``goat-fna`` 4
   same-identity push guides and 1 pull guide, the farthest other-identity image of the
   batch (objective Σ_push |f − g|² − |f − g_pull|², the reference's ``sum_dif_mse``).
@@ -50,8 +61,10 @@ from reidbench.defense import Defense
 from reidbench.errors import ReIDBenchError
 from reidbench.features import embed
 from reidbench.registry import DEFENSES
+from reidbench.train.losses import batch_hard_triplet
 
 GUIDES = ("intra", "sma", "fna")
+GOAT_LOSSES = ("triplet", "ce-triplet")
 
 
 class _BatchStatisticsFeatures(nn.Module):
@@ -191,9 +204,38 @@ class MetricAdversarialTraining(AdversarialTraining):
 
 @DEFENSES.register("goat")
 class GOAT(AdversarialTraining):
-    """GOAT (Bouniot et al. 2020): 100% adversarial batches, one same-identity batch guide."""
+    """GOAT (Bouniot et al. 2020): 100% adversarial batches, one same-identity batch guide,
+    trained with the reference's triplet-only margin ranking loss on raw embeddings."""
 
     default_share = 1.0
+    default_loss = "triplet"
+    # 2: the reference's triplet-only loss replaced cross-entropy + triplet (now goat-ce).
+    training_version = 2
+
+    def __init__(self, loss: str | None = None, margin: float = 10.0, soft_margin: bool = False, **options):
+        loss = self.default_loss if loss is None else loss
+        if loss not in GOAT_LOSSES:
+            raise ReIDBenchError(f"defense '{self.registry_name}': loss must be one of {GOAT_LOSSES}, got '{loss}'")
+        super().__init__(**options)
+        self.params["loss"] = loss
+        if loss == "triplet":  # the shared loss takes its margin from the recipe
+            self.params.update(margin=float(margin), soft_margin=bool(soft_margin))
+
+    def training_loss(self, model, images, pids, recipe):
+        if self.params["loss"] == "ce-triplet":
+            return super().training_loss(model, images, pids, recipe)
+        _, features = model(images)
+        triplet = batch_hard_triplet(features, pids, None if self.params["soft_margin"] else self.params["margin"])
+        return triplet, {"triplet": float(triplet.detach())}
+
+
+@DEFENSES.register("goat-ce")
+class GOATCrossEntropy(GOAT):
+    """GOAT's adversarial batches trained with the shared loss (label-smoothed cross-entropy +
+    batch-hard triplet on the recipe's margin): ``goat`` as it was before training version 2."""
+
+    default_loss = "ce-triplet"
+    training_version = 1
 
 
 @DEFENSES.register("goat-sma")

@@ -6,7 +6,8 @@ color attack and joint defence" (CVPRW 2022), and its passive half alone.
   local homogeneous transformation (10%), else the image is unchanged (75%). It teaches the
   model that colour is a nuisance, which is what the LTA colour attack exploits.
 * Passive defense (inference): circuitous scaling of query and gallery images
-  (:class:`defenses.transforms.CircuitousScaling`).
+  (:class:`defenses.transforms.CircuitousScaling`), its steps relative to the images' native
+  size as the paper states them (``scaling_reference``, ``native_size``: see there).
 
 ``jad`` is both, ``jad-proactive`` the training half alone (the paper's ablation), ``cs`` the
 scaling alone on top of a standard model.
@@ -47,7 +48,7 @@ from reidbench.errors import ReIDBenchError
 from reidbench.registry import DEFENSES
 from reidbench.train.augment import random_rectangles
 
-from .transforms import CircuitousScaling
+from .transforms import JAD_NATIVE, CircuitousScaling
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what PIL's convert("L") uses
 
@@ -154,13 +155,25 @@ class ProactiveTransform:
         return out
 
 
+def _scaling(params: dict, scaling_sizes, scaling_reference, native_size) -> CircuitousScaling:
+    """The circuitous scaling of ``cs`` / ``jad``; its resolved settings go into ``params`` so
+    that they enter every cell's key (a changed reading recomputes the cells)."""
+    scaling = CircuitousScaling(scaling_sizes, scaling_reference, native_size)  # fail on bad sizes at build time
+    if scaling_sizes is not None:
+        params["scaling_sizes"] = scaling_sizes
+    else:
+        params["scaling_reference"] = list(scaling.reference)
+        params["native_size"] = list(scaling.native) if scaling.native is not None else None
+    return scaling
+
+
 @DEFENSES.register("cs")
 class CircuitousScalingDefense(Defense):
     """Circuitous scaling alone, on top of a standard model (JAD's passive half)."""
 
-    def __init__(self, scaling_sizes=None):
-        super().__init__(**({"scaling_sizes": scaling_sizes} if scaling_sizes is not None else {}))
-        self.scaling = CircuitousScaling(scaling_sizes)  # fail on bad sizes at build time
+    def __init__(self, scaling_sizes=None, scaling_reference=JAD_NATIVE, native_size=None):
+        super().__init__()
+        self.scaling = _scaling(self.params, scaling_sizes, scaling_reference, native_size)
 
     def input_transform(self):
         return self.scaling
@@ -183,11 +196,11 @@ class JADProactive(Defense):
 class JointAdversarialDefense(JADProactive):
     """Proactive colour transforms in training + circuitous scaling at inference (Gong et al. 2022)."""
 
-    def __init__(self, scaling_sizes=None, **proactive):
+    inference_params = ("scaling_sizes", "scaling_reference", "native_size")
+
+    def __init__(self, scaling_sizes=None, scaling_reference=JAD_NATIVE, native_size=None, **proactive):
         super().__init__(**proactive)
-        if scaling_sizes is not None:
-            self.params["scaling_sizes"] = scaling_sizes
-        self.scaling = CircuitousScaling(scaling_sizes)
+        self.scaling = _scaling(self.params, scaling_sizes, scaling_reference, native_size)
 
     def input_transform(self):
         return self.scaling

@@ -16,38 +16,54 @@ import torch.nn.functional as F
 
 from reidbench.errors import ReIDBenchError
 
-#: JAD's circuitous scaling at the paper's 256×128 input (Gong et al. 2022, §3.3, and the
-#: reference test.py): 110×50 → 220×100 → 110×50, bicubic, then back to the input size.
-JAD_SIZES_256x128 = ((110, 50), (220, 100), (110, 50))
+#: JAD's circuitous scaling (Gong et al. 2022, §3.3, and the reference test.py): Market-1501's
+#: native 128×64 images go 110×50 → 220×100 → 110×50, bicubic, before the resize to the input.
+JAD_NATIVE = (128, 64)
+JAD_STEPS = ((110, 50), (220, 100), (110, 50))
 
 
 class CircuitousScaling(nn.Module):
     """Down-, up- and down-scaling before the model (Gong et al., "Person re-identification
     method based on color attack and joint defence", CVPRW 2022, passive defense).
 
-    The paper states pixel sizes for a 256×128 input. The most faithful reading for another
-    input size keeps the ratios (110/256, 50/128, ...) to the input: the first step must
-    *lose* resolution to wash out a perturbation, and 110×50 read literally would be an
-    upscaling of a 64×32 CPU-scale input. ``sizes`` gives explicit (H, W) steps instead.
+    The paper states its steps in pixels for Market-1501's native 128×64 images: down to
+    110×50 (≈ 0.86 of the native size), up to 220×100, down to 110×50; the reference code
+    applies them to the native image and only then resizes to its 256×128 input. For other
+    images the ratios are kept relative to the image's *native* size (``reference`` is the
+    size the paper's steps are stated for). ``native`` is the size the input was resized
+    from; None (default) takes the input as native, as the synthetic data is (64×32 →
+    55×25 → 110×50 → 55×25). A Market image fed at 256×128 sets ``native=(128, 64)`` and gets
+    the reference's 110×50 → 220×100 → 110×50. Each step is then resized back to the input
+    size. ``sizes`` gives explicit (H, W) steps instead.
+
+    Before protocol v2 the ratios were taken relative to the reference's 256×128 *input*,
+    which at a 64×32 input gives 28×12 → 55×25 → 28×12, twice the paper's downscaling;
+    ``reference=(256, 128)`` restores that reading.
+
     Bicubic with anti-aliasing on the way down, as PIL's bicubic resize of the reference
     code does; the result is clipped to [0, 1] (bicubic overshoots, PIL saturates).
     Differentiable everywhere.
     """
 
-    def __init__(self, sizes: Optional[Sequence[Sequence[int]]] = None, reference: tuple[int, int] = (256, 128),
-                 antialias: bool = True):
+    def __init__(self, sizes: Optional[Sequence[Sequence[int]]] = None, reference: Sequence[int] = JAD_NATIVE,
+                 native: Optional[Sequence[int]] = None, antialias: bool = True):
         super().__init__()
         self.sizes = tuple(tuple(int(v) for v in s) for s in sizes) if sizes is not None else None
-        self.reference = tuple(reference)
         self.antialias = bool(antialias)
         if self.sizes is not None and any(len(s) != 2 or min(s) < 1 for s in self.sizes):
             raise ReIDBenchError(f"circuitous scaling: sizes must be (H, W) pairs of positive ints, got {sizes!r}")
+        for name, value in (("reference", reference), ("native", native)):
+            if value is not None and (len(value) != 2 or min(value) < 1):
+                raise ReIDBenchError(f"circuitous scaling: {name} must be an (H, W) pair of positive ints, got {value!r}")
+        self.reference = tuple(int(v) for v in reference)
+        self.native = tuple(int(v) for v in native) if native is not None else None
 
     def steps_for(self, height: int, width: int) -> list[tuple[int, int]]:
         if self.sizes is not None:
             return list(self.sizes)
+        nh, nw = self.native or (height, width)
         rh, rw = self.reference
-        return [(max(1, round(h * height / rh)), max(1, round(w * width / rw))) for h, w in JAD_SIZES_256x128]
+        return [(max(1, round(h * nh / rh)), max(1, round(w * nw / rw))) for h, w in JAD_STEPS]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

@@ -88,22 +88,26 @@ class AttackContext:
     gallery_camids: torch.Tensor
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     surrogate: Optional[SurrogateView] = None
+    #: the network without the defense's input transform and its clean features, for the
+    #: oblivious attacker (filled for attacks that list "bare" in ``Attack.needs``)
+    bare: Optional[SurrogateView] = None
     oracle: Optional[RankOracle] = None
     train: Optional[TrainView] = None
     extra: dict = field(default_factory=dict)
 
     def batch(self, index: torch.Tensor) -> "AttackContext":
         """The context restricted to the queries at ``index`` (gallery unchanged)."""
-        surrogate = self.surrogate
-        if surrogate is not None:
-            surrogate = dataclasses.replace(surrogate, query_feats=surrogate.query_feats[index])
+        views = {}
+        for name in ("surrogate", "bare"):
+            view = getattr(self, name)
+            views[name] = None if view is None else dataclasses.replace(view, query_feats=view.query_feats[index])
         return dataclasses.replace(
             self,
             query_pids=self.query_pids[index],
             query_camids=self.query_camids[index],
             query_feats=self.query_feats[index],
-            surrogate=surrogate,
             extra=dict(self.extra),
+            **views,
         )
 
     def same_identity_mask(self, exclude_same_camera: bool = True) -> torch.Tensor:
@@ -113,6 +117,25 @@ class AttackContext:
         if exclude_same_camera:
             mask &= self.query_camids.view(-1, 1) != self.gallery_camids.view(1, -1)
         return mask
+
+    def match_rank(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B,) 0-based rank of each query's first true match when the queries' features
+        ``feats`` are ranked against the gallery, under the Market protocol (same pid and
+        camera, and pid -1, are junk; distractors count as negatives); a negative at exactly
+        the match's distance ranks before it (pessimistic). -1 for a query without a match.
+        0 means the query is still retrieved at Rank-1: what "unbroken" means for a restart."""
+        from .metrics import pairwise_distance
+
+        dist = pairwise_distance(feats.detach().float(), self.gallery_feats.float())
+        dev = dist.device
+        q_pids, g_pids = self.query_pids.to(dev).view(-1, 1), self.gallery_pids.to(dev).view(1, -1)
+        same_pid = q_pids == g_pids
+        junk = (same_pid & (self.query_camids.to(dev).view(-1, 1) == self.gallery_camids.to(dev).view(1, -1))) \
+            | (g_pids == -1)
+        match = same_pid & ~junk
+        nearest = dist.masked_fill(~match, float("inf")).amin(1, keepdim=True)
+        rank = ((dist <= nearest) & ~match & ~junk).sum(1)
+        return torch.where(match.any(1), rank, torch.full_like(rank, -1))
 
 
 class Attack:
@@ -128,6 +151,13 @@ class Attack:
     needs: tuple[str, ...] = ()
     #: which side is perturbed: "query" (protocol v1) or "gallery" (Bai's original variant)
     perturbs = "query"
+    #: whether :meth:`strengthen` applies to the attack (it has an iterative loop to restart
+    #: and whose iterates can be tracked); a learned or universal perturbation has neither
+    strengthenable = False
+    #: protocol settings of attack strength (AutoAttack's standard, protocol v2): runs in all
+    #: (1 = no restart), and whether the best iterate is kept instead of the last
+    restarts = 1
+    best_iterate = False
 
     def __init__(self, eps: float, step: float, iterations: int, seed: int = 0, **params):
         if not (0 < float(eps) <= 1):
@@ -138,9 +168,25 @@ class Attack:
         self.params = params
 
     def describe(self) -> dict:
-        """Every parameter that decides the attack's output (recorded with each result)."""
-        return {"name": self.registry_name, "threat_model": self.threat_model, "eps": self.eps,
-                "step": self.step, "iterations": self.iterations, "seed": self.seed, **self.params}
+        """Every parameter that decides the attack's output (recorded with each result). The
+        strength settings appear only when they differ from v1's, so a v1 cell keeps its key."""
+        out = {"name": self.registry_name, "threat_model": self.threat_model, "eps": self.eps,
+               "step": self.step, "iterations": self.iterations, "seed": self.seed, **self.params}
+        if self.restarts != 1:
+            out["restarts"] = self.restarts
+        if self.best_iterate:
+            out["best_iterate"] = True
+        return out
+
+    def strengthen(self, restarts: int = 1, best_iterate: bool = False) -> "Attack":
+        """Apply the protocol's strength settings (``Protocol.restarts``, ``best_iterate``).
+        An attack that is not :attr:`strengthenable` keeps its single run (its description
+        then records none, since none was applied)."""
+        if int(restarts) < 1:
+            raise ReIDBenchError(f"attack '{self.registry_name}': restarts counts runs and must be >= 1, got {restarts}")
+        if self.strengthenable:
+            self.restarts, self.best_iterate = int(restarts), bool(best_iterate)
+        return self
 
     def perturb(self, model: torch.nn.Module, queries: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
         raise NotImplementedError

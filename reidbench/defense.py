@@ -40,6 +40,10 @@ class Defense:
     #: the last ones): from 2 on it is part of a zoo entry's recipe key, so weights trained
     #: under the old default are retrained, not reused
     training_version: int = 1
+    #: parameters that shape only the inference transform (JAD's scaling): they are part of
+    #: ``describe()``, hence of every cell's key, but not of the training record
+    #: (tests/training_defaults.json), since changing them retrains nothing
+    inference_params: tuple[str, ...] = ()
     #: the zoo of the entry being trained, set by ``reidbench.zoo.train_entry`` before
     #: ``prepare_train`` (None outside it), for a defense that names other entries (APD's
     #: frozen feature network)

@@ -124,3 +124,26 @@ def iter_cells(root: Path, protocol_version: Optional[str] = None) -> Iterable[t
         record = read_cell(path)
         if record is not None:
             yield path, record
+
+
+#: the budget sweep's file (benchmarks/attack_budget.py), beside the version folders so that
+#: the cell readers above never take it for a cell
+BUDGET_FLAG = "budget-sensitive"
+
+
+def budget_sweep_path(root: Path, protocol_version: str) -> Path:
+    return Path(root) / "budget-sweep" / f"{protocol_version}.json"
+
+
+def read_budget_sweep(root: Path, protocol_version: str) -> dict[str, dict]:
+    """Per model id, what the budget sweep found (``flag``: Rank-1 kept falling with more
+    iterations beyond the interval); empty when the sweep was never run."""
+    path = budget_sweep_path(root, protocol_version)
+    if not path.is_file():
+        return {}
+    try:
+        models = json.loads(path.read_text()).get("models", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        log(f"[yellow]warning:[/] skipping malformed budget sweep {path}: {exc.__class__.__name__}")
+        return {}
+    return models if isinstance(models, dict) else {}

@@ -163,12 +163,24 @@ class Runner:
                 bundle.features["g_g"] = pairwise_distance(g, g)
         return bundle.features
 
+    def bare_features(self, bundle: ModelBundle) -> dict:
+        """Clean features of the network without the defense's input transform (what an
+        oblivious attacker aims with), computed once per model."""
+        if "bare_query" not in bundle.features:
+            size = tuple(bundle.model.input_size)
+            for part in ("query", "gallery"):
+                bundle.features[f"bare_{part}"] = extract_features(
+                    bundle.model.model, getattr(bundle.split, part), size, self.batch_size, self.protocol.normalize,
+                    description=f"{bundle.entry.id}: {part} features without the transform", progress=self.progress)
+        return {part: bundle.features[f"bare_{part}"] for part in ("query", "gallery")}
+
     # --- one cell ------------------------------------------------------------------------
     def make_attack(self, name: str, eps: float, bundle: Optional[ModelBundle] = None) -> Attack:
         """An attack with the protocol's budget; against a stochastic defense, iterative
         white-box attacks average their gradients over the protocol's EOT draws."""
         p = self.protocol
         attack = build_attack(name, eps=eps, step=p.step, iterations=p.iterations, seed=p.seed)
+        attack.strengthen(restarts=p.restarts, best_iterate=p.best_iterate)
         if (bundle is not None and bundle.model.stochastic and attack.threat_model == "white-box"
                 and hasattr(attack, "eot_samples")):
             attack.eot_samples = max(attack.eot_samples, p.eot_samples)
@@ -271,6 +283,9 @@ class Runner:
             sur_feats = self.clean_features(sur)
             ctx.surrogate = SurrogateView(sur.entry.id, sur.model, sur_feats[own], sur_feats[other],
                                           crafted=self._transfer_images)
+        if "bare" in attack.needs and bundle.model.transform is not None:
+            bare = self.bare_features(bundle)
+            ctx.bare = SurrogateView(bundle.entry.id, bundle.model.model, bare[own], bare[other])
         if "train" in attack.needs:
             # A learned attack studies the training split of the model it has access to.
             source = self.surrogate_bundle(bundle) if "surrogate" in attack.needs else bundle

@@ -12,8 +12,8 @@ from reidbench.defense import DefendedModel, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.registry import DEFENSES
 
-ALL = ["none", "at", "goat", "goat-sma", "goat-fna", "jad", "jad-proactive", "cs", "rrp", "jpeg"]
-TRAINING = ["at", "goat", "goat-sma", "goat-fna", "jad", "jad-proactive"]
+ALL = ["none", "at", "goat", "goat-ce", "goat-sma", "goat-fna", "jad", "jad-proactive", "cs", "rrp", "jpeg"]
+TRAINING = ["at", "goat", "goat-ce", "goat-sma", "goat-fna", "jad", "jad-proactive"]
 
 
 def batch(seed=0, b=8, h=64, w=32):
@@ -64,8 +64,13 @@ def test_channel_fusion_takes_its_channels_from_rgb_and_the_other():
 def test_circuitous_scaling_is_differentiable_with_a_nonzero_gradient():
     x = batch().requires_grad_(True)
     scaling = CircuitousScaling()
-    assert scaling.steps_for(256, 128) == [(110, 50), (220, 100), (110, 50)]
-    assert scaling.steps_for(64, 32) == [(28, 12), (55, 25), (28, 12)]
+    # The paper's steps are relative to the image's native size (Market: 128x64).
+    assert scaling.steps_for(128, 64) == [(110, 50), (220, 100), (110, 50)]
+    assert scaling.steps_for(64, 32) == [(55, 25), (110, 50), (55, 25)]
+    # A Market image resized to 256x128 keeps the reference's steps on its native size.
+    assert CircuitousScaling(native=(128, 64)).steps_for(256, 128) == [(110, 50), (220, 100), (110, 50)]
+    # The pre-v2 reading (ratios of a 256x128 input) stays available.
+    assert CircuitousScaling(reference=(256, 128)).steps_for(64, 32) == [(28, 12), (55, 25), (28, 12)]
     y = scaling(x)
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
     (grad,) = torch.autograd.grad((y * torch.randn_like(y)).sum(), x)
@@ -190,7 +195,7 @@ def test_each_defense_trains_a_few_steps_and_lowers_its_loss(name, tiny_split, t
     model = build_model({"backbone": "resnet10t", "input_size": [32, 16]}, num_classes=tiny_split.num_train_ids)
     recipe = Recipe(epochs=4, p=8, k=4, lr=1e-3, warmup_epochs=0, iters_per_epoch=3, random_erasing=0.0,
                     schedule="cosine")
-    overrides = {"iterations": 2} if name in ("at", "goat", "goat-sma", "goat-fna") else {}
+    overrides = {"iterations": 2} if name.startswith(("at", "goat")) else {}
     result = train_model(model, tiny_split.train, recipe, tmp_path / name, defense=build_defense({"name": name, **overrides}),
                          progress=False)
     losses = [h["loss"] for h in result.history]
@@ -251,6 +256,9 @@ def test_a_defense_refuses_a_dataset_it_cannot_train_on(tiny_split):
 
 
 def test_oblivious_attack_ignores_the_transform_and_adaptive_differentiates_through_it(tiny_model, tiny_split):
+    import dataclasses
+
+    from reidbench.attack import SurrogateView
     from reidbench.features import embed
 
     bare = tiny_model.model
@@ -258,11 +266,25 @@ def test_oblivious_attack_ignores_the_transform_and_adaptive_differentiates_thro
     queries = tiny_split.query.materialize((64, 32))
     x = queries.images[:16].float() / 255
     with torch.no_grad():
-        feats = embed(defended, x)
+        feats, bare_feats = embed(defended, x), embed(bare, x)
     ctx = AttackContext(query_pids=queries.pids[:16], query_camids=queries.camids[:16], query_feats=feats,
-                        gallery_feats=feats, gallery_pids=queries.pids[:16], gallery_camids=queries.camids[:16] + 1)
+                        gallery_feats=feats, gallery_pids=queries.pids[:16], gallery_camids=queries.camids[:16] + 1,
+                        bare=SurrogateView("tiny", bare, bare_feats, bare_feats))
     oblivious = build_attack("oblivious", 5 / 255, 1 / 255, 3)
-    assert oblivious.threat_model == "oblivious"
-    plain_on_bare = build_attack("m-ifgsm", 5 / 255, 1 / 255, 3)(bare, x, ctx)
+    assert oblivious.threat_model == "oblivious" and "bare" in oblivious.needs
+    # Gradients and guides both from the network without the transform.
+    bare_ctx = dataclasses.replace(ctx, query_feats=bare_feats, gallery_feats=bare_feats, bare=None)
+    plain_on_bare = build_attack("m-ifgsm", 5 / 255, 1 / 255, 3)(bare, x, bare_ctx)
     assert torch.equal(oblivious(defended, x, ctx), plain_on_bare)
     assert not torch.equal(build_attack("m-ifgsm", 5 / 255, 1 / 255, 3)(defended, x, ctx), plain_on_bare)
+
+
+@pytest.mark.parametrize("name", ["cs", "jad"])
+def test_the_scaling_reading_enters_the_cell_key_but_not_the_training_record(name):
+    described = build_defense(name).describe()
+    assert described["scaling_reference"] == [128, 64] and described["native_size"] is None
+    assert build_defense({"name": name, "scaling_reference": [256, 128]}).describe() != described
+    if name == "jad":  # JAD trains: its scaling must not look like a training change
+        assert {"scaling_reference", "native_size"} <= set(type(build_defense(name)).inference_params)
+    with pytest.raises(ReIDBenchError, match="native"):
+        build_defense({"name": name, "native_size": [128]})

@@ -198,3 +198,52 @@ def test_colour_alone_does_not_identify_people():
     ]))
     has_lookalike = (torch.cdist(uppers, uppers) < 0.15).sum(dim=1) > 1
     assert has_lookalike.float().mean() > 0.5
+
+
+# --- the long-tailed, camera-dominated preset (what DDID's balancing answers) ---------------
+def _dominant_share(subset):
+    shares = []
+    for pid in torch.unique(subset.pids):
+        _, per_camera = torch.unique(subset.camids[subset.pids == pid], return_counts=True)
+        shares.append(float(per_camera.max()) / float(per_camera.sum()))
+    return torch.tensor(shares)
+
+
+def test_the_presets_made_before_the_long_tail_keep_their_split_hash():
+    # Recorded from generator version 1: new fields at their original value change no hash.
+    expected = {"tiny": "b17b2025fa439fa3", "small": "6a45fffacaced72f", "medium": "da8111e25bc4e149",
+                "large": "b4bb0639dd73a64c"}
+    assert {name: synthetic._config_digest(PRESETS[name], 0) for name in expected} == expected
+    assert synthetic._config_digest(PRESETS["tiny-longtail"], 0) not in expected.values()
+
+
+def test_the_long_tailed_preset_is_long_tailed_and_camera_dominated(tiny):
+    longtail = build_synthetic(preset="tiny-longtail")
+    cfg = PRESETS["tiny-longtail"]
+    pids = torch.cat([longtail.train.pids, longtail.query.pids, longtail.gallery.pids])
+    _, counts = torch.unique(pids, return_counts=True)
+    assert int(counts.min()) >= cfg.images_per_id[0] and int(counts.max()) <= cfg.images_per_id[1]
+    assert int(counts.max()) >= 3 * int(counts.min())
+    assert float(counts.float().median()) < float(counts.float().mean())  # a right tail
+    assert _dominant_share(longtail.train).mean() > _dominant_share(tiny.train).mean() + 0.1
+    # the split contract holds: a query per (identity, camera), each with a cross-camera positive
+    q, g = longtail.query, longtail.gallery
+    assert ((q.pids[:, None] == g.pids[None, :]) & (q.camids[:, None] != g.camids[None, :])).any(1).all()
+    assert len(set(zip(q.pids.tolist(), q.camids.tolist()))) == len(q)
+
+
+def test_ddid_balancing_has_more_to_do_on_the_long_tail(tiny):
+    from defenses.ddid.balance import plan_balance
+
+    longtail = build_synthetic(preset="tiny-longtail")
+    balanced, skewed = plan_balance(tiny.train.pids, tiny.train.camids), plan_balance(longtail.train.pids, longtail.train.camids)
+    per_id = lambda plan, split: (len(plan) - plan.diversify) / len(torch.unique(split.train.pids))  # noqa: E731
+    assert per_id(skewed, longtail) > 3 * per_id(balanced, tiny)
+    assert skewed.diversify > balanced.diversify
+
+
+def test_uneven_layout_options_are_checked():
+    with pytest.raises(ReIDBenchError, match="dominant_camera"):
+        SyntheticConfig(dominant_camera=1.0)
+    with pytest.raises(ReIDBenchError, match="images_per_id"):
+        SyntheticConfig(images_per_id=(3, 20), images_per_id_tail=1.0)

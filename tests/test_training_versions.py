@@ -17,8 +17,8 @@ def current() -> dict:
     for name in DEFENSES.names():
         defense = build_defense(name)
         if defense.changes_training:
-            out[name] = {"training_version": type(defense).training_version,
-                         "params": json.loads(json.dumps(defense.describe()))}
+            params = {k: v for k, v in defense.describe().items() if k not in type(defense).inference_params}
+            out[name] = {"training_version": type(defense).training_version, "params": json.loads(json.dumps(params))}
     return out
 
 

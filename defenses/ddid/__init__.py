@@ -68,6 +68,34 @@ paper's description.
   (``meta_order: first``); ``second`` back-propagates through the update. The outer loss is
   FNES on meta-test images attacked with the meta-test attack at θ'. The step minimises
   L_inner + ``meta_weight`` · L_outer, through the one shared loop.
+
+**Second reading (protocol v2).** We searched again for the fullest description of FNES and
+of the self-meta step: the arXiv HTML (v1) and three summaries of it (papernotes.org,
+themoonlight.io, emergentmind.com's "bi-adversarial self-meta defense phase"). None of what we
+could reach gives the equations of FNES or of the meta step, nor δ1, δ2, τ or the margins, so
+no formula above changed. What the reading did change or confirm:
+
+* [paper, summaries] The inter-identity imbalance is attributed to how often each identity
+  is seen by the cameras, and the intra-identity deficiency to near-duplicate frames of a
+  video track: both are properties of the *training data*, which is why a balanced synthetic
+  set gave the data-balancing phase nothing to do. The synthetic ``longtail`` preset (with
+  ``small`` its balanced counterpart) supplies the long tail and the camera dominance; the
+  bias metric (:mod:`reidbench.metrics.fairness`) is measured on its test identities.
+* [summaries] One summary expands FNES as "farthest negative *example* softening", the
+  abstract as "farthest negative *extension* softening". :func:`.meta.fnes_loss` (a hinge on
+  a softened farthest negative, beside the batch-hard term) fits both names; unchanged.
+* [related work] The self-meta step is closest to the first author's earlier Meta Invariance
+  Defense (Zhang, Zhou et al., 2024): attacks drawn from an attacker pool form the meta-train
+  ("known") and meta-test ("unseen") tasks of each step, and a frozen teacher distils
+  pixel-, feature- and prediction-level consistency into the trained encoder. Our step keeps
+  the first part, now as a reading of the paper rather than a guess: the pool is
+  ``meta_attacks`` and each step draws a different attack for each side, with the
+  identities split as well (the paper's second dimension, unseen identities). "Self" we read
+  as the model being its own reference, without MID's frozen teacher: no distillation term
+  is added; the clean images of the batch enter FNES beside their adversarial versions
+  (``include_clean``), which is the consistency the model can have with itself. Another
+  reading (a feature-consistency term between each adversarial image and its own clean
+  image) is possible and is not implemented.
 """
 
 from __future__ import annotations

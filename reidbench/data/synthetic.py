@@ -131,6 +131,15 @@ class SyntheticConfig:
     # Person height as a fraction of the image height, and horizontal offset as a fraction of the width.
     person_scale: tuple[float, float] = (0.78, 0.93)
     shift: float = 0.08
+    # Long tail of images per identity: 0 draws an identity's count uniformly in
+    # ``images_per_id``; a > 0 draws it with probability ∝ n^-a over that range, so most
+    # identities have a few images and some have dozens, as in Market-1501's train set. The
+    # number of cameras is then capped at what the count allows.
+    images_per_id_tail: float = 0.0
+    # Share of an identity's images beyond two per camera that go to one camera of its own,
+    # drawn per identity (0: spread evenly), so that identities are dominated by one camera as
+    # in Market-1501 and DukeMTMC-reID -- what DDID's camera-balancing rule responds to.
+    dominant_camera: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("cameras_per_id", "images_per_id", "brightness", "contrast", "blur", "resolution", "noise",
@@ -150,14 +159,29 @@ class SyntheticConfig:
             raise ReIDBenchError(
                 f"cameras_per_id {self.cameras_per_id} must lie within [2, num_cameras={self.num_cameras}]: "
                 "every query needs a positive seen by another camera")
-        if self.images_per_id[0] < 2 * self.cameras_per_id[1]:
+        if self.images_per_id_tail < 0 or not 0 <= self.dominant_camera < 1:
+            raise ReIDBenchError(f"synthetic 'images_per_id_tail' must be >= 0 and 'dominant_camera' in [0, 1), got "
+                                 f"{self.images_per_id_tail!r}, {self.dominant_camera!r}")
+        # The uneven layout caps an identity's cameras at what its count allows; the even one draws them first.
+        cameras_needed = self.cameras_per_id[0] if self.uneven else self.cameras_per_id[1]
+        if self.images_per_id[0] < 2 * cameras_needed:
             raise ReIDBenchError(
                 f"images_per_id {self.images_per_id} must allow two images in each of up to "
-                f"{self.cameras_per_id[1]} cameras (a query and a gallery image per camera)")
+                f"{cameras_needed} cameras (a query and a gallery image per camera)")
         if not 1 <= self.palette_size <= len(_CLOTHING):
             raise ReIDBenchError(f"palette_size must be in [1, {len(_CLOTHING)}], got {self.palette_size}")
         if self.height < 16 or self.width < 8:
             raise ReIDBenchError(f"synthetic images must be at least 16x8, got {self.height}x{self.width}")
+
+    @property
+    def uneven(self) -> bool:
+        """Whether the long-tail or dominant-camera layout is on (else the original, balanced one)."""
+        return self.images_per_id_tail > 0 or self.dominant_camera > 0
+
+
+#: Fields added after generator version 1, with the value that reproduces the version-1 data:
+#: left out of the cache digest (and so of the split hash) at that value.
+_LATER_FIELDS = {"images_per_id_tail": 0.0, "dominant_camera": 0.0}
 
 
 PRESETS: dict[str, SyntheticConfig] = {
@@ -167,6 +191,15 @@ PRESETS: dict[str, SyntheticConfig] = {
     # The CPU default.
     "small": SyntheticConfig(),
     "medium": SyntheticConfig(num_train_ids=500, num_test_ids=250, height=128, width=64),
+    # Long-tailed and camera-dominated, the imbalance DDID's data balancing answers: 4 to 40
+    # images per identity, ∝ n^-1.5, and 80% of the images beyond two per camera in one camera.
+    # ``small`` is its balanced counterpart (same identities and cameras, about as many images).
+    # Market-1501's train set has a real tail but weaker camera dominance: the preset
+    # exaggerates the latter so that DDID's camera rule has identities to act on (statistics of
+    # both: benchmarks/results/dataset-balance.md). ``tiny-longtail`` is the test-sized version.
+    "longtail": SyntheticConfig(images_per_id=(4, 40), images_per_id_tail=1.5, dominant_camera=0.8),
+    "tiny-longtail": SyntheticConfig(num_train_ids=16, num_test_ids=12, num_cameras=4, cameras_per_id=(2, 3),
+                                     images_per_id=(4, 24), images_per_id_tail=1.5, dominant_camera=0.8),
     # For a GPU; about 1.8 GB of uint8 pixels.
     "large": SyntheticConfig(num_train_ids=750, num_test_ids=750, height=256, width=128, num_cameras=8,
                              cameras_per_id=(2, 5)),
@@ -592,11 +625,29 @@ def render(person: Identity, camera: Camera, nuisance: Nuisance, size: tuple[int
 
 def _layout(rng: np.random.Generator, cfg: SyntheticConfig) -> list[tuple[int, int]]:
     """(camera, number of images) for each camera an identity walks past, at least two each."""
+    if cfg.uneven:
+        return _uneven_layout(rng, cfg)
     k = int(rng.integers(cfg.cameras_per_id[0], cfg.cameras_per_id[1] + 1))
     cams = np.sort(rng.choice(cfg.num_cameras, size=k, replace=False))
     total = int(rng.integers(cfg.images_per_id[0], cfg.images_per_id[1] + 1))
     counts = 2 + rng.multinomial(total - 2 * k, np.full(k, 1.0 / k))
     return [(int(c), int(n)) for c, n in zip(cams, counts)]
+
+
+def _uneven_layout(rng: np.random.Generator, cfg: SyntheticConfig) -> list[tuple[int, int]]:
+    """:func:`_layout` with a long-tailed count and a dominant camera: the count first (∝ n^-a
+    over ``images_per_id``), then as many cameras as it allows (two images each), then the
+    rest of the images, ``dominant_camera`` of them expected in one camera drawn at random."""
+    low, high = cfg.images_per_id
+    counts = np.arange(low, high + 1)
+    weights = counts.astype(np.float64) ** -cfg.images_per_id_tail
+    total = int(rng.choice(counts, p=weights / weights.sum()))
+    k = int(rng.integers(cfg.cameras_per_id[0], min(cfg.cameras_per_id[1], total // 2) + 1))
+    cams = np.sort(rng.choice(cfg.num_cameras, size=k, replace=False))
+    share = np.full(k, (1.0 - cfg.dominant_camera) / k)
+    share[int(rng.integers(k))] += cfg.dominant_camera
+    extra = 2 + rng.multinomial(total - 2 * k, share)
+    return [(int(c), int(n)) for c, n in zip(cams, extra)]
 
 
 def generate(cfg: SyntheticConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -629,8 +680,11 @@ def generate(cfg: SyntheticConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _config_digest(cfg: SyntheticConfig, seed: int) -> str:
-    payload = json.dumps({"generator": GENERATOR_VERSION, "config": dataclasses.asdict(cfg), "seed": seed},
-                         sort_keys=True)
+    config = dataclasses.asdict(cfg)
+    for name, original in _LATER_FIELDS.items():
+        if config[name] == original:  # data made before the field existed keeps its hash
+            del config[name]
+    payload = json.dumps({"generator": GENERATOR_VERSION, "config": config, "seed": seed}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
