@@ -78,7 +78,7 @@ from .errors import ReIDBenchError
 from .metrics import IdentityBootstrap, identity_spread, metric_intervals, rank1_variance_interval
 from .progress import log
 from .protocol import CURRENT_VERSION, known_versions, load_protocol
-from .results import iter_cells, read_per_query
+from .results import BUDGET_FLAG, iter_cells, read_budget_sweep, read_per_query
 
 # Templates and assets ship inside the package (a symlink to the repository's leaderboard/ in a
 # checkout), so an installed reidbench renders without a clone.
@@ -635,8 +635,11 @@ def _model_base(model: str, cells: pd.DataFrame) -> dict:
     return row
 
 
-def summary_table(dataset: str, eps255, cells: pd.DataFrame, grid: Optional[set[str]]) -> Table:
-    """The headline of one dataset at one ε: reported, standardized and adaptive numbers."""
+def summary_table(dataset: str, eps255, cells: pd.DataFrame, grid: Optional[set[str]],
+                  sweep: Optional[dict] = None) -> Table:
+    """The headline of one dataset at one ε: reported, standardized and adaptive numbers.
+    ``sweep``: the budget sweep's findings per model (``results.read_budget_sweep``); a model
+    whose Rank-1 kept falling with more iterations is flagged ``budget-sensitive``."""
     rows, any_reported, any_adaptive = [], False, False
     for model, mcells in cells.groupby("model", sort=True):
         in_grid = mcells["attack_name"].isin(grid) if grid is not None else pd.Series(True, index=mcells.index)
@@ -654,7 +657,8 @@ def summary_table(dataset: str, eps255, cells: pd.DataFrame, grid: Optional[set[
             row["adaptive.attacks"] = adaptive["attacks"]
             stale += adaptive["stale"]
             any_adaptive = True
-        row["flags"] = _flags(mcells, mcells[mcells["standardized"].astype(bool)], [stale_note(stale)])
+        sensitive = BUDGET_FLAG if (sweep or {}).get(model, {}).get("flag") else None
+        row["flags"] = _flags(mcells, mcells[mcells["standardized"].astype(bool)], [stale_note(stale), sensitive])
         any_reported |= "reported.source" in row
         rows.append(row)
     columns = list(MODEL_COLUMNS)
@@ -717,7 +721,7 @@ def threat_table(dataset: str, eps255, threat: str, cells: pd.DataFrame, all_cel
                  _by_worst_map(rows, "worst.mAP"))
 
 
-def index_sections(cells: pd.DataFrame, grid: Optional[set[str]] = None) -> list[dict]:
+def index_sections(cells: pd.DataFrame, grid: Optional[set[str]] = None, sweep: Optional[dict] = None) -> list[dict]:
     """Per dataset and ε: the summary table, then one table per threat model present."""
     sections = []
     if cells.empty:
@@ -727,7 +731,7 @@ def index_sections(cells: pd.DataFrame, grid: Optional[set[str]] = None) -> list
     for dataset, dcells in cells.groupby("dataset", sort=True):
         for eps255 in sorted(set(dcells["eps255"]), key=lambda e: (e is None, e or 0)):
             ecells = dcells[dcells["eps255"].isna()] if eps255 is None else dcells[dcells["eps255"] == eps255]
-            tables = [summary_table(dataset, eps255, ecells, grid)]
+            tables = [summary_table(dataset, eps255, ecells, grid, sweep)]
             for threat in sorted(ecells["threat"].unique(), key=_threat_order):
                 tables.append(threat_table(dataset, eps255, threat, ecells[ecells["threat"] == threat], ecells))
             sections.append({"dataset": dataset, "eps": eps_text(eps255), "tables": tables,
@@ -984,7 +988,7 @@ def _render_version(results_root: Path, out_dir: Path, protocol_version: str, ap
     cells = _cells_frame([row for _, _, row in loaded])
     env = Environment(loader=FileSystemLoader(LEADERBOARD_DIR / "templates"), autoescape=select_autoescape(["html", "j2"]),
                       keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    sections = index_sections(cells, _grid(protocol_version))
+    sections = index_sections(cells, _grid(protocol_version), read_budget_sweep(results_root, protocol_version))
     files: dict[Path, str] = {}
     for section in sections:
         for table in section["tables"]:

@@ -44,16 +44,6 @@ class Protocol:
         return int(self.raw["perturbation"]["iterations"])
 
     @property
-    def restarts(self) -> int:
-        """Runs of every iterative attack, as AutoAttack's ``n_restarts`` (v1: 1, no restart)."""
-        return int(self.raw.get("attack", {}).get("restarts", 1))
-
-    @property
-    def best_iterate(self) -> bool:
-        """Whether iterative attacks keep each query's worst iterate (v1: the last one)."""
-        return bool(self.raw.get("attack", {}).get("best_iterate", False))
-
-    @property
     def seed(self) -> int:
         return int(self.raw.get("seed", 0))
 

@@ -420,3 +420,18 @@ def test_a_version_this_package_does_not_ship_renders_apart(results, tmp_path):
     site = tmp_path / "site"
     assert 'href="protocol-v9/index.html"' in render_site(results, site).read_text()
     assert "does not ship protocol v9" in (site / "protocol-v9/index.html").read_text()
+
+
+def test_a_budget_sensitive_model_is_flagged_in_the_summary(results, tmp_path):
+    """The budget sweep's finding (benchmarks/attack_budget.py) reaches the summary's flags."""
+    from reidbench.protocol import CURRENT_VERSION
+    from reidbench.results import BUDGET_FLAG, budget_sweep_path
+
+    path = budget_sweep_path(results, CURRENT_VERSION)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"flag": BUDGET_FLAG, "models": {"m-at": {"flag": True}, "m-none": {"flag": False}}}))
+    index = render_site(results, tmp_path / "site").read_text()
+    summary = index[:index.index("</table>")]
+    at_row = summary[summary.index("m-at.html"):].split("</tr>")[0]
+    none_row = summary[summary.index("m-none.html"):].split("</tr>")[0]
+    assert BUDGET_FLAG in at_row and BUDGET_FLAG not in none_row
