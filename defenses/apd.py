@@ -497,7 +497,8 @@ class APD(Defense):
         if isinstance(name, dict):  # ImageNet weights from a pinned file: the sha256 decides ψ and φ
             return {"feature_net": name["backbone"], "sha256": name["pretrained"]["sha256"]}, ("pretrained", name)
         from reidbench.errors import unknown_name
-        from reidbench.zoo import obtain_weights, sha256_file, training_entry
+        from reidbench.cache import sha256_file
+        from reidbench.zoo import obtain_weights, training_entry
 
         zoo = self._zoo()
         if name not in zoo:

@@ -125,7 +125,8 @@ def onnx_entry(path: Union[str, Path], dataset: dict, input_size, mean=None, std
                **graph_options):
     """A zoo entry for an ONNX file (what ``weights: {onnx: ...}`` in a zoo file gives); mean and
     std are in the graph's channel order and value range, as in the zoo."""
-    from .zoo import ZooEntry, sha256_file
+    from .cache import sha256_file
+    from .zoo import ZooEntry
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():

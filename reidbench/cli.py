@@ -210,7 +210,8 @@ def cmd_zoo_list(args) -> int:
 
 def cmd_zoo_pull(args) -> int:
     from .hardware import resolve_device
-    from .zoo import get_entry, obtain_weights, sha256_file
+    from .cache import sha256_file
+    from .zoo import get_entry, obtain_weights
 
     zoo = _zoo(args)
     entry = get_entry(zoo, args.model)

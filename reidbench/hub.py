@@ -21,7 +21,8 @@ import yaml
 
 from . import __version__
 from .errors import ReIDBenchError, first_line
-from .zoo import (ZooEntry, existing_weights, local_weights_path, read_state_dict, sha256_file, training_entry,
+from .cache import sha256_file
+from .zoo import (ZooEntry, existing_weights, local_weights_path, read_state_dict, training_entry,
                   trained_weights_file)
 
 WEIGHTS_FILE = "model.safetensors"

@@ -32,7 +32,8 @@ from .progress import log, progress_bar
 from .protocol import Protocol, load_protocol
 from .hardware import environment, resolve_device
 from .results import cell_intact, cell_path, read_cell, write_cell
-from .zoo import ZooEntry, load_weights, obtain_weights, sha256_file, training_entry
+from .cache import sha256_file
+from .zoo import ZooEntry, load_weights, obtain_weights, training_entry
 
 
 def attack_id(name: str, eps: float) -> str:

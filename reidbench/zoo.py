@@ -21,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from .cache import sha256_file
 from .errors import ReIDBenchError, first_line, unknown_name
 
 #: the zoo shipped with the package (in a checkout, a symlink to the top-level model_zoo.yaml)
@@ -273,12 +274,6 @@ def get_entry(zoo: dict[str, ZooEntry], model_id: str) -> ZooEntry:
     return zoo[model_id]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def trained_weights_dir(entry: ZooEntry) -> Path:

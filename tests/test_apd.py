@@ -401,7 +401,9 @@ def test_an_unknown_feature_net_is_one_line(tiny_split, feature_zoo):
         apd.generated_set(tiny_split)
 
 
-def test_repository_apd_entries_name_their_datasets_baseline():
+def test_repository_apd_entries_name_their_datasets_baseline_or_imagenet():
+    """psi/phi: ImageNet (online, or a pinned file as the Market entry has) or the undefended
+    baseline of the entry's own dataset."""
     from reidbench.zoo import load_zoo
 
     zoo = load_zoo()
@@ -410,8 +412,34 @@ def test_repository_apd_entries_name_their_datasets_baseline():
     for entry in entries:
         assert entry.model.get("head") == "apd-split"
         net = entry.defense.get("feature_net", "imagenet")
-        if net != "imagenet":
+        if isinstance(net, dict):
+            assert set(net) == {"backbone", "pretrained"} and len(net["pretrained"]["sha256"]) == 64, entry.id
+        elif net != "imagenet":
             assert zoo[net].defense["name"] == "none" and zoo[net].dataset == entry.dataset, entry.id
+
+
+def test_imagenet_feature_net_from_a_pinned_file(tmp_path):
+    """feature_net {backbone, pretrained}: psi/phi read from the file, keyed by its sha256, frozen."""
+    import hashlib
+
+    import torchvision
+    from safetensors.torch import save_file
+
+    path = tmp_path / "mnv2.safetensors"
+    save_file({k: v for k, v in torchvision.models.mobilenet_v2().state_dict().items() if k.startswith("features.")},
+              str(path))
+    spec = {"backbone": "mobilenetv2_100",
+            "pretrained": {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                           "layout": "torchvision"}}
+    apd = build_defense({"name": "apd", "feature_net": spec})
+    key, source = apd.feature_source()
+    assert key == {"feature_net": "mobilenetv2_100", "sha256": spec["pretrained"]["sha256"]}
+    frozen = apd.feature_network(source)
+    metric, content = frozen(torch.rand(2, 3, 64, 32))
+    assert metric.shape == (2, 320) and content.dim() == 4
+    assert not any(p.requires_grad for p in frozen.parameters())
+    with pytest.raises(ReIDBenchError, match="exactly backbone and pretrained"):
+        build_defense({"name": "apd", "feature_net": {"backbone": "mobilenetv2_100"}})
 
 
 def test_trained_apd_reloads_as_an_embedding_model_and_evaluates_across_datasets(apd_zoo, tmp_path):
@@ -489,3 +517,18 @@ def test_apd_refuses_a_model_without_the_split_head_or_a_batch_without_its_shuff
         apd.training_loss(model, x, pids, Recipe())
     with pytest.raises(ReIDBenchError, match="call it first"):
         apd.training_loss(split_model(num_classes=2), x, pids, Recipe())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_split_head_on_a_mobilenet_keeps_the_trunk(stage):
+    """SP-Net on an EfficientNet-family trunk: E(x) then the rest, without the split, is the
+    plain trunk's pooled feature; the split parts still sum to E(x)."""
+    model = SemanticPurificationModel("mobilenetv2_100", input_size=(64, 32), last_stride=1, split_stage=stage).eval()
+    x = torch.rand(2, 3, 64, 32)
+    with torch.no_grad():
+        fmap = model.embedding_map(x)
+        assert fmap.shape[1] == model.backbone.feature_info[stage]["num_chs"]
+        assert torch.allclose(model.branch_features(fmap), model.backbone(model.normalize(x)), atol=1e-5)
+        k, nk = model.split(fmap)
+        assert torch.allclose(k + nk, fmap)
+        assert model(x).shape == (2, model.feat_dim)

@@ -17,7 +17,8 @@ from reidbench.protocol import Protocol, load_protocol
 from reidbench.results import npz_bytes
 from reidbench.runner import Runner
 from reidbench.validate import choose_subset, committed_subset, subset_file, submitted_entries, validate_entry
-from reidbench.zoo import load_zoo, sha256_file
+from reidbench.cache import sha256_file
+from reidbench.zoo import load_zoo
 
 REPO = Path(__file__).resolve().parents[1]
 CELL = "v2/synthetic/{}/m-ifgsm-eps5.json"

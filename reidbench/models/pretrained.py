@@ -20,7 +20,6 @@ trained entry never needs the file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from ..cache import sha256_file
 from ..errors import ReIDBenchError, first_line
 
 _SPEC_FIELDS = {"file", "sha256", "layout"}
@@ -102,19 +102,11 @@ def resolve_file(name: str, extra_roots: tuple[Path, ...] = ()) -> Path:
                          "(set REIDBENCH_WEIGHTS, or use pretrained: true online)")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_pretrained(backbone: nn.Module, backbone_name: str, spec: dict, extra_roots: tuple[Path, ...] = ()) -> Path:
     """Fill ``backbone`` (a timm model) from the pinned file ``spec``; returns the file's path."""
     check_spec(spec, f"backbone '{backbone_name}'")
     path = resolve_file(spec["file"], extra_roots)
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != spec["sha256"]:
         raise ReIDBenchError(f"pretrained weights {path} have sha256 {actual[:16]}..., expected {spec['sha256'][:16]}... "
                              "(a changed or truncated file); refusing to load it")
