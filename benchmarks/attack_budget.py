@@ -43,7 +43,8 @@ import numpy as np
 from reidbench.attack import build_attack
 from reidbench.errors import ReIDBenchError
 from reidbench.protocol import CURRENT_VERSION, load_protocol
-from reidbench.results import BUDGET_FLAG, _atomic_write_bytes, budget_sweep_path, iter_cells
+from reidbench.cache import atomic_write
+from reidbench.results import BUDGET_FLAG, budget_sweep_path, iter_cells
 from reidbench.runner import Runner
 from reidbench.zoo import get_entry, load_zoo
 
@@ -146,7 +147,7 @@ def write_findings(results_root: Path, protocol, findings: dict[str, dict], comm
         models[model_id] = {**finding, "command": command}
     payload = {"schema": 1, "protocol": {"version": protocol.version, "fingerprint": protocol.fingerprint()},
                "flag": BUDGET_FLAG, "models": models}
-    _atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), check=False)
     return path
 
 

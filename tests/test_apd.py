@@ -487,7 +487,7 @@ def test_cli_evaluates_an_apd_entry_on_another_dataset(apd_zoo, tmp_path, capsys
     ({"name": "apd", "mpg_lr": 0}, "mpg_lr must be > 0"),
     ({"name": "apd", "nk_weight": -1}, "loss weights must be >= 0, got nk_weight=-1"),
     ({"name": "apd", "nk_negative": "random"}, "nk_negative must be one of"),
-    ({"name": "apd", "feature_net": ""}, "feature_net must be 'imagenet' or a zoo entry id"),
+    ({"name": "apd", "feature_net": ""}, "feature_net must be 'imagenet', a zoo entry id"),
     ({"name": "apd", "eps_255": 16, "decode": "image"}, "bad parameters"),
 ])
 def test_bad_apd_parameters_are_one_line_errors(spec, message):

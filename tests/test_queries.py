@@ -6,6 +6,7 @@ import torch
 
 from reidbench.cli import main
 from reidbench.data.split import query_subset
+from reidbench.protocol import CURRENT_VERSION
 
 
 def test_the_subset_is_seeded_nested_and_keeps_the_gallery(tiny_split):
@@ -26,7 +27,7 @@ def test_subset_cells_are_recorded_filed_apart_and_not_ranked_with_full_ones(tin
             "--site", str(site), "--device", "cpu", "--no-rerank"]
     assert main(argv + ["--queries", "12"]) == 0
     assert main(argv) == 0
-    folder = results / "v1" / "synthetic" / "tiny-none"
+    folder = results / CURRENT_VERSION / "synthetic" / "tiny-none"
     subset = json.loads((folder / "m-fgsm-eps5-q12.json").read_text())
     full = json.loads((folder / "m-fgsm-eps5.json").read_text())
     assert subset["dataset"]["num_query"] == 12 and subset["dataset"]["query_subset"]["queries"] == 12

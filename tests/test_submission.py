@@ -12,12 +12,12 @@ import pytest
 import yaml
 from safetensors.torch import save_file
 
+from reidbench.cache import sha256_file
 from reidbench.cli import main
-from reidbench.protocol import Protocol, load_protocol
+from reidbench.protocol import CURRENT_VERSION, Protocol, load_protocol
 from reidbench.results import npz_bytes
 from reidbench.runner import Runner
 from reidbench.validate import choose_subset, committed_subset, subset_file, submitted_entries, validate_entry
-from reidbench.cache import sha256_file
 from reidbench.zoo import load_zoo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_a_query_subset_run_is_not_a_submission(submission, results, capsys):
     Runner(zoo, results_root=results, device="cpu", rerank=False, progress=False, queries=8).run(
         [zoo["tiny-pinned"]], ["m-fgsm"])
     code, reasons, _ = validate(capsys, submission[0], results)
-    assert code == 1 and reasons == ["reidbench: rejected: v1/synthetic/tiny-pinned/m-fgsm-eps5-q8.json: computed on a "
+    assert code == 1 and reasons == [f"reidbench: rejected: {CURRENT_VERSION}/synthetic/tiny-pinned/m-fgsm-eps5-q8.json: computed on a "
                                      "subset of 8 queries (--queries); submit full runs"], reasons
 
 
