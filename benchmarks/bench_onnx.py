@@ -132,6 +132,21 @@ def export(name: str, model: nn.Module, size, path: Path, opset: int, dynamic: b
         onnx.save(proto, str(path))
 
 
+def forward(model):
+    def run(x):
+        with torch.no_grad():
+            return model(x)
+    return run
+
+
+def forward_backward(model):
+    def run(x):
+        x = x.clone().requires_grad_(True)
+        model(x).sum().backward()
+        return x.grad
+    return run
+
+
 def timed(fn, x, rounds: list[float]) -> None:
     started = time.perf_counter()
     fn(x)
@@ -163,19 +178,6 @@ def measure(name: str, size, batches, repeats: int, threads: int) -> list[dict]:
 
         def run_ort(x):
             return session.run(None, {"images": x.numpy()})[0]
-
-        def forward(model):
-            def run(x):
-                with torch.no_grad():
-                    return model(x)
-            return run
-
-        def forward_backward(model):
-            def run(x):
-                x = x.clone().requires_grad_(True)
-                model(x).sum().backward()
-                return x.grad
-            return run
 
         for batch in batches:
             x = torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(batch))

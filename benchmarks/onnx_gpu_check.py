@@ -19,7 +19,7 @@ import torch
 sys.path[:0] = [".", "tests", "benchmarks"]
 
 import test_onnx_operators as cases  # noqa: E402
-from bench_onnx import build, export  # noqa: E402
+from bench_onnx import build, export, forward, forward_backward  # noqa: E402
 
 from reidbench.models.onnx_import import load_onnx_model  # noqa: E402
 
@@ -56,21 +56,6 @@ def median_ms(fn, x, rounds: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
-
-
-def forward(model):
-    def run(x):
-        with torch.no_grad():
-            return model(x)
-    return run
-
-
-def forward_backward(model):
-    def run(x):
-        x = x.clone().requires_grad_(True)
-        model(x).sum().backward()
-        return x.grad
-    return run
 
 
 def speed(folder: Path, device: torch.device, size=(256, 128)) -> None:
