@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -280,7 +279,6 @@ def cmd_run(args) -> int:
     zoo_path = write_zoo(args, planned, surrogate_for(args))
     zoo = load_zoo(zoo_path)
     runner = Runner(zoo, results_root=out / "results", device=device, batch_size=args.batch_size, progress=False)
-    runner._splits[json.dumps({"dataset": dataset, "size": list(size)}, sort_keys=True)] = split
 
     grid_attacks = [a for group in runner.protocol.raw["attacks"].values() for a in group]
     order = FIRST + [a for a in grid_attacks if a not in FIRST]
