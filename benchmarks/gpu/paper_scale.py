@@ -349,11 +349,11 @@ def write_table(out: Path) -> Path:
     """``paper_scale.md``: the hardware, the time of each phase and one row per model (clean,
     then Rank-1 / mAP under each attack that ran), from the records under ``out/results``."""
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    from reidbench.results import iter_cells
+
     records = {}
-    for path in sorted((out / "results").rglob("*.json")):
-        record = json.loads(path.read_text())
-        if "attack_id" in record:
-            records.setdefault(record["model"]["id"], {})[record["attack_id"]] = record
+    for _, record in iter_cells(out / "results"):
+        records.setdefault(record["model"]["id"], {})[record["attack_id"]] = record
     attacks = sorted({a for cells in records.values() for a in cells})
     lines = ["# Paper scale on one GPU (benchmarks/gpu/paper_scale.py)", ""]
     hw = timings.get("hardware", {})

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -88,13 +88,13 @@ def check_spec(spec: dict, where: str) -> None:
         raise ReIDBenchError(f"{where}: unknown pretrained layout '{spec['layout']}' (choose timm or torchvision)")
 
 
-def resolve_file(name: str, extra_roots: tuple[Path, ...] = ()) -> Path:
+def resolve_file(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_absolute():
         if path.is_file():
             return path
         raise ReIDBenchError(f"pretrained weights file not found: {path}")
-    roots = [*extra_roots, *weights_roots()]
+    roots = weights_roots()
     for root in roots:
         if (root / path).is_file():
             return root / path
@@ -102,10 +102,10 @@ def resolve_file(name: str, extra_roots: tuple[Path, ...] = ()) -> Path:
                          "(set REIDBENCH_WEIGHTS, or use pretrained: true online)")
 
 
-def load_pretrained(backbone: nn.Module, backbone_name: str, spec: dict, extra_roots: tuple[Path, ...] = ()) -> Path:
+def load_pretrained(backbone: nn.Module, backbone_name: str, spec: dict) -> Path:
     """Fill ``backbone`` (a timm model) from the pinned file ``spec``; returns the file's path."""
     check_spec(spec, f"backbone '{backbone_name}'")
-    path = resolve_file(spec["file"], extra_roots)
+    path = resolve_file(spec["file"])
     actual = sha256_file(path)
     if actual != spec["sha256"]:
         raise ReIDBenchError(f"pretrained weights {path} have sha256 {actual[:16]}..., expected {spec['sha256'][:16]}... "
@@ -143,8 +143,3 @@ def load_pretrained(backbone: nn.Module, backbone_name: str, spec: dict, extra_r
     backbone.load_state_dict(state)
     return path
 
-
-def pretrained_file_spec(model_spec: dict) -> Optional[dict]:
-    """The pinned-file form of a model spec's ``pretrained``, or None for the other forms."""
-    value = model_spec.get("pretrained")
-    return value if isinstance(value, dict) else None

@@ -151,14 +151,14 @@ class ReIDModel(nn.Module):
         if self.classifier is not None:
             nn.init.normal_(self.classifier.weight, std=0.001)
 
-    def load_pretrained(self, extra_roots: tuple = ()) -> Optional[Path]:
+    def load_pretrained(self) -> Optional[Path]:
         """Initialise the backbone from the pinned file the model was built with (training
         from scratch calls this; trained weights make it unnecessary). None without one."""
         if self.pretrained_file is None:
             return None
         from .pretrained import load_pretrained
 
-        return load_pretrained(self.backbone, self.config["backbone"], self.pretrained_file, extra_roots)
+        return load_pretrained(self.backbone, self.config["backbone"], self.pretrained_file)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] to the backbone's mean/std input space."""
