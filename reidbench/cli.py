@@ -70,8 +70,12 @@ def cmd_run(args) -> int:
                 reason = undefined_cell(protocol, name, args.dataset or entry.dataset_name)
                 if reason:
                     raise ReIDBenchError(f"cannot run '{name}' on model '{entry.id}': {reason}; leave it out of --attack")
-    executor = build_executor(args.executor, args.address)
-    executor.run(RunSpec.from_args(args), [e.id for e in entries], attacks, eps_values, zoo=zoo)
+    executor = build_executor(args.executor, args.address, args.jobs)
+    spec = RunSpec.from_args(args)
+    executor.run(spec, [e.id for e in entries], attacks, eps_values, zoo=zoo)
+    if not args.attack and not args.eps:
+        # The protocol's grid at its secondary budget, for the attacks it runs there.
+        executor.run(spec, [e.id for e in entries], protocol.secondary_attacks, [protocol.eps_secondary], zoo=zoo)
     index = render_site(Path(args.results), Path(args.site) if args.site else None, protocol.version)
     log(f"leaderboard: {index}")
     return 0
@@ -354,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--protocol", default=None, metavar="VERSION",
                      help="protocol version to run under (default: the current one; other versions render apart)")
     run.add_argument("--executor", choices=EXECUTORS, default="local",
-                     help="local: every cell in this process (default); ray: cells as Ray tasks (pip install 'reidbench[ray]')")
+                     help="local: every cell in this process (default); processes: on --jobs local worker processes; "
+                          "ray: cells as Ray tasks (pip install 'reidbench[ray]')")
+    run.add_argument("--jobs", type=int, default=2, metavar="N",
+                     help="with --executor processes: how many worker processes (default: 2)")
     run.add_argument("--address", default=None,
                      help="with --executor ray: the cluster to join (auto, ray://host:10001); default: start a local Ray")
     common(run)

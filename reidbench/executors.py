@@ -30,7 +30,7 @@ from typing import Optional
 from .errors import ReIDBenchError
 from .progress import log
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "processes", "ray")
 # Settings a worker on another machine of the cluster must share with the driver.
 _FORWARDED_ENV = ("REIDBENCH_CACHE", "REIDBENCH_DATA", "REIDBENCH_QUIET")
 
@@ -88,6 +88,103 @@ class LocalExecutor:
         return runner.run([runner.zoo[i] for i in entry_ids], attacks, eps_values, spec.test_dataset)
 
 
+def training_dependencies(zoo: dict, model_id: str) -> list[str]:
+    """The zoo ids whose trained weights ``model_id``'s training starts from or reads: its
+    ``init.from`` base and the entries its defense names (APD's frozen feature network)."""
+    from .zoo import get_entry
+
+    entry = get_entry(zoo, model_id)
+    deps = [entry.init["from"]] if entry.init else []
+    deps += [ref["from"] for ref in entry.references.values()]
+    return list(dict.fromkeys(deps))
+
+
+class ProcessExecutor:
+    """The grid on ``jobs`` local worker processes of ``cores // jobs`` threads each.
+
+    Small networks do not keep two threads busy (each convolution is too short to split), so
+    on a small machine two single-threaded processes get through more cells than one process
+    with two threads (benchmarks/results/default-scale.md). Models are trained first, each
+    once and only after the models it starts from; then each model's cells go to one worker
+    as one task, so its clean features are computed once. Every random draw is seeded from
+    the protocol, so a cell's numbers do not depend on which worker ran it (floating-point
+    sums may differ in the last bits with the thread count, as on another machine)."""
+
+    def __init__(self, jobs: int = 2):
+        if int(jobs) < 1:
+            raise ReIDBenchError(f"--jobs must be >= 1, got {jobs}")
+        self.jobs = int(jobs)
+
+    def run(self, spec: RunSpec, entry_ids: list[str], attacks: list[str], eps_values: Optional[list[float]] = None,
+            zoo: Optional[dict] = None) -> list[Path]:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
+
+        from .protocol import load_protocol
+        from .runner import attack_id, check_attack_names, protocol_grid
+        from .zoo import load_zoo
+
+        zoo = zoo if zoo is not None else load_zoo(spec.zoo)
+        protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()
+        eps_values = eps_values or [protocol.eps]
+        check_attack_names(attacks, eps_values, protocol)
+        needed = models_needed(zoo, entry_ids, attacks, protocol, spec.dataset)
+        # Every model a training needs, its own bases included, each with what must exist first.
+        deps, pending = {}, [m for models in needed.values() for m in models]
+        while pending:
+            model = pending.pop()
+            if model not in deps:
+                deps[model] = training_dependencies(zoo, model)
+                pending += deps[model]
+        cells: dict[str, list[tuple[str, float]]] = {}
+        for entry, name, eps in protocol_grid(protocol, [zoo[i] for i in entry_ids], attacks, eps_values, spec.dataset):
+            cells.setdefault(entry.id, []).append((name, eps))
+
+        threads = max(1, (os.cpu_count() or 1) // self.jobs)
+        worker_spec = dataclasses.replace(spec, progress=False)
+        paths: dict[tuple[str, str], Path] = {}
+        # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
+        with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_worker, initargs=(threads,)) as pool:
+            done_models: set[str] = set()
+            running: dict = {}
+            queue = [m for m in deps]
+            while queue or running:
+                for model in [m for m in queue if all(d in done_models for d in deps[m])]:
+                    queue.remove(model)
+                    running[pool.submit(prepare_model, worker_spec, model)] = model
+                if not running:  # a dependency cycle cannot happen (the zoo refuses one); be safe
+                    raise ReIDBenchError(f"cannot order the trainings of {sorted(queue)}")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    model = running.pop(future)
+                    status, message = future.result()
+                    if status == "error":
+                        raise ReIDBenchError(message)
+                    done_models.add(model)
+                    log(f"[green]✓[/] {model}: weights ready")
+            tasks = {pool.submit(run_cells, worker_spec, entry_id, entry_cells): entry_id
+                     for entry_id, entry_cells in cells.items()}
+            for future in as_completed(tasks):
+                status, value = future.result()
+                if status == "error":
+                    for other in tasks:
+                        other.cancel()
+                    raise ReIDBenchError(value)
+                for (name, eps), path in zip(cells[tasks[future]], value):
+                    if path is not None:
+                        paths[(tasks[future], attack_id(name, eps))] = Path(path)
+                        log(f"[green]✓[/] {tasks[future]} × {attack_id(name, eps)}")
+        return [paths[key] for key in ((e, attack_id(n, eps)) for e, cs in cells.items() for n, eps in cs)
+                if key in paths]  # grid order, as the local executor
+
+
+def _start_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 # --- what runs inside a worker -----------------------------------------------------------------
 _WORKER_RUNNERS: dict = {}
 
@@ -116,6 +213,17 @@ def run_cell(spec: RunSpec, entry_id: str, attack: str, eps: float, *models: tup
         runner = _worker_runner(spec)
         path = runner.run_cell(runner.zoo[entry_id], attack, eps, spec.test_dataset)
         return "ok", str(path) if path is not None else None
+    except ReIDBenchError as exc:
+        return "error", str(exc)
+
+
+def run_cells(spec: RunSpec, entry_id: str, cells: list[tuple[str, float]]) -> tuple[str, object]:
+    """All of one model's cells, in order, in this worker (its features are computed once)."""
+    try:
+        runner = _worker_runner(spec)
+        entry = runner.zoo[entry_id]
+        return "ok", [None if (path := runner.run_cell(entry, name, eps, spec.test_dataset)) is None else str(path)
+                      for name, eps in cells]
     except ReIDBenchError as exc:
         return "error", str(exc)
 
@@ -215,9 +323,11 @@ class RayExecutor:
         return [paths[ref] for ref in tasks if ref in paths]  # grid order, as the local executor
 
 
-def build_executor(name: str, address: Optional[str] = None):
+def build_executor(name: str, address: Optional[str] = None, jobs: int = 2):
     if name == "local":
         return LocalExecutor()
+    if name == "processes":
+        return ProcessExecutor(jobs)
     if name == "ray":
         return RayExecutor(address)
     raise ReIDBenchError(f"unknown executor '{name}' (known: {', '.join(EXECUTORS)})")

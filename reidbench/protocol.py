@@ -131,6 +131,15 @@ class Protocol:
                 f"(it has: {', '.join(sorted(surrogates)) or 'none'})")
         return surrogates[dataset]
 
+    @property
+    def secondary_attacks(self) -> list[str]:
+        """The attacks ``run --all`` also runs at :attr:`eps_secondary`, so that every model
+        has robustness at two budgets (the model page plots it against ε). v1 and v2 fix the
+        secondary budget but not which attacks spend it; the suite reads it as the reference
+        attack of Bai et al. (2019), M-I-FGSM, unless the file names them
+        (``perturbation.secondary_attacks``)."""
+        return list(self.raw["perturbation"].get("secondary_attacks", ["m-ifgsm"]))
+
     def attacks(self, threat_model: str | None = None) -> list[str]:
         groups = self.raw.get("attacks", {})
         if threat_model is not None:

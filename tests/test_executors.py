@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from reidbench.cli import main
-from reidbench.executors import LocalExecutor, RayExecutor, RunSpec, models_needed
+from reidbench.errors import ReIDBenchError
+from reidbench.executors import LocalExecutor, ProcessExecutor, RayExecutor, RunSpec, models_needed, training_dependencies
 from reidbench.protocol import load_protocol
 from reidbench.zoo import load_zoo
 
@@ -181,3 +182,37 @@ def test_cells_the_protocol_does_not_define_are_neither_planned_nor_submitted(ti
     spec = RunSpec(zoo=str(zoo_file), results=str(tmp_path), device="cpu")
     paths = RayExecutor().run(spec, ["tiny-video"], ["m-fgsm", "transfer", "dmr"])
     assert [p.name for p in paths] == ["tiny-video-m-fgsm.json"]
+
+
+def test_worker_processes_write_what_one_process_writes(tiny_zoo_file, tmp_path, monkeypatch):
+    """Two single-threaded workers, models trained first: the same cells, bit for bit, as the
+    local executor with one thread (the thread count may move floating-point sums)."""
+    import torch
+
+    zoo_file = grid_zoo(tiny_zoo_file, tmp_path / "zoo.yaml")
+    grid = (["tiny-grid", "tiny-grid-rrp"], ["m-fgsm", "sma"])
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # one thread per worker, whatever runs the test
+    spec = RunSpec(zoo=str(zoo_file), results=str(tmp_path / "processes"), device="cpu", progress=False)
+    paths = ProcessExecutor(jobs=2).run(spec, *grid)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local_spec = RunSpec(zoo=str(zoo_file), results=str(tmp_path / "local"), device="cpu", progress=False)
+        local_paths = LocalExecutor().run(local_spec, *grid)
+    finally:
+        torch.set_num_threads(threads)
+    assert [p.relative_to(tmp_path / "processes") for p in paths] == [p.relative_to(tmp_path / "local") for p in local_paths]
+    assert len(paths) == 4
+    assert comparable(tmp_path / "processes") == comparable(tmp_path / "local")
+
+
+def test_trainings_wait_for_the_models_they_start_from(tiny_zoo_file, tmp_path):
+    base = yaml.safe_load(tiny_zoo_file.read_text())[0]
+    tuned = {**base, "id": "tiny-tuned", "defense": "jad-proactive", "init": {"from": "tiny-none"}}
+    zoo_file = tmp_path / "zoo.yaml"
+    zoo_file.write_text(yaml.safe_dump([base, tuned], sort_keys=False))
+    zoo = load_zoo(zoo_file)
+    assert training_dependencies(zoo, "tiny-tuned") == ["tiny-none"]
+    assert training_dependencies(zoo, "tiny-none") == []
+    with pytest.raises(ReIDBenchError, match="--jobs"):
+        ProcessExecutor(jobs=0)

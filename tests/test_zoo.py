@@ -36,6 +36,17 @@ def test_the_shipped_zoo_is_valid_and_has_a_default_suite():
             assert entry.suite == ["gpu"], entry.id
 
 
+def test_every_registered_defense_is_in_the_default_suite():
+    """`reidbench run --all` is the benchmark a newcomer sees: a defense joins the default
+    suite with its registration (a zoo entry with `suite: [default]`)."""
+    from reidbench.registry import DEFENSES
+
+    zoo = load_zoo(DEFAULT_ZOO)
+    in_default = {entry.defense["name"] for entry in zoo.values() if "default" in entry.suite}
+    missing = sorted(set(DEFENSES.names()) - in_default)
+    assert not missing, f"registered defenses without a default-suite zoo entry: {missing}"
+
+
 def test_a_minimal_entry_gets_defaults(tmp_path):
     entry = load_zoo(write(tmp_path, GOOD))["m1"]
     assert entry.suite == ["default"] and entry.defense == {"name": "none"} and entry.dataset_name == "synthetic"

@@ -1,0 +1,35 @@
+"""The whole default suite, as `reidbench run --all` runs it for a newcomer (slow: the cold
+run's time is in the README), in an isolated cache: every registered defense has a row with
+every grid cell the protocol defines for its dataset, and the leaderboard renders them."""
+
+import pytest
+
+from reidbench.cli import main
+from reidbench.protocol import load_protocol
+from reidbench.registry import ATTACKS, DEFENSES
+from reidbench.results import iter_cells
+from reidbench.runner import attack_id, undefined_cell
+from reidbench.zoo import DEFAULT_ZOO, load_zoo
+
+
+@pytest.mark.slow
+def test_run_all_covers_every_defense_and_every_grid_cell(tmp_path):
+    results, site = tmp_path / "results", tmp_path / "site"
+    assert main(["run", "--all", "--results", str(results), "--site", str(site), "--device", "cpu"]) == 0
+
+    protocol = load_protocol()
+    default = [entry for entry in load_zoo(DEFAULT_ZOO).values() if "default" in entry.suite]
+    assert {entry.defense["name"] for entry in default} == set(DEFENSES.names())
+    written = {(record["model"]["id"], record["attack_id"]) for _, record in iter_cells(results, protocol.version)}
+    for entry in default:
+        expected = {attack_id(name, protocol.eps) for name in protocol.attacks()
+                    if not undefined_cell(protocol, name, entry.dataset_name)}
+        expected |= {attack_id(name, protocol.eps_secondary) for name in protocol.secondary_attacks}
+        assert expected, entry.id
+        missing = sorted(cell for cell in expected if (entry.id, cell) not in written)
+        assert not missing, f"{entry.id} lacks {missing}"
+    index = (site / "index.html").read_text()
+    for entry in default:
+        assert entry.id in index, entry.id
+    # Every grid attack is a registered one (a renamed attack would leave its column empty).
+    assert set(protocol.attacks()) <= set(ATTACKS.names())
