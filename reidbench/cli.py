@@ -71,11 +71,8 @@ def cmd_run(args) -> int:
                 if reason:
                     raise ReIDBenchError(f"cannot run '{name}' on model '{entry.id}': {reason}; leave it out of --attack")
     executor = build_executor(args.executor, args.address, args.jobs)
-    spec = RunSpec.from_args(args)
-    executor.run(spec, [e.id for e in entries], attacks, eps_values, zoo=zoo)
-    if not args.attack and not args.eps:
-        # The protocol's grid at its secondary budget, for the attacks it runs there.
-        executor.run(spec, [e.id for e in entries], protocol.secondary_attacks, [protocol.eps_secondary], zoo=zoo)
+    # Without --attack: the protocol's whole suite (runner.protocol_grid), secondary ε included.
+    executor.run(RunSpec.from_args(args), [e.id for e in entries], args.attack, eps_values, zoo=zoo)
     index = render_site(Path(args.results), Path(args.site) if args.site else None, protocol.version)
     log(f"leaderboard: {index}")
     return 0

@@ -82,7 +82,8 @@ class RunSpec:
 class LocalExecutor:
     """Every cell in this process, one after the other (models and features stay in memory)."""
 
-    def run(self, spec: RunSpec, entry_ids: list[str], attacks: list[str], eps_values: Optional[list[float]] = None,
+    def run(self, spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]] = None,
+            eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
         runner = spec.runner(zoo)
         return runner.run([runner.zoo[i] for i in entry_ids], attacks, eps_values, spec.test_dataset)
@@ -115,7 +116,8 @@ class ProcessExecutor:
             raise ReIDBenchError(f"--jobs must be >= 1, got {jobs}")
         self.jobs = int(jobs)
 
-    def run(self, spec: RunSpec, entry_ids: list[str], attacks: list[str], eps_values: Optional[list[float]] = None,
+    def run(self, spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]] = None,
+            eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
@@ -126,9 +128,8 @@ class ProcessExecutor:
 
         zoo = zoo if zoo is not None else load_zoo(spec.zoo)
         protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()
-        eps_values = eps_values or [protocol.eps]
-        check_attack_names(attacks, eps_values, protocol)
-        needed = models_needed(zoo, entry_ids, attacks, protocol, spec.dataset)
+        check_attack_names(attacks or protocol.attacks(), eps_values or [protocol.eps], protocol)
+        needed = models_needed(zoo, entry_ids, attacks or protocol.attacks(), protocol, spec.dataset)
         # Every model a training needs, its own bases included, each with what must exist first.
         deps, pending = {}, [m for models in needed.values() for m in models]
         while pending:
@@ -266,7 +267,8 @@ class RayExecutor:
     def __init__(self, address: Optional[str] = None):
         self.address = address
 
-    def run(self, spec: RunSpec, entry_ids: list[str], attacks: list[str], eps_values: Optional[list[float]] = None,
+    def run(self, spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]] = None,
+            eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
         from .protocol import load_protocol
         from .runner import attack_id, check_attack_names, protocol_grid
@@ -275,9 +277,8 @@ class RayExecutor:
         ray = _import_ray()
         zoo = zoo if zoo is not None else load_zoo(spec.zoo)
         protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()
-        eps_values = eps_values or [protocol.eps]
-        check_attack_names(attacks, eps_values, protocol)
-        needed = models_needed(zoo, entry_ids, attacks, protocol, spec.dataset)
+        check_attack_names(attacks or protocol.attacks(), eps_values or [protocol.eps], protocol)
+        needed = models_needed(zoo, entry_ids, attacks or protocol.attacks(), protocol, spec.dataset)
 
         started_here = not ray.is_initialized()
         if started_here:

@@ -382,13 +382,13 @@ class Runner:
         return flags
 
     # --- the grid ------------------------------------------------------------------------
-    def run(self, entries: list[ZooEntry], attacks: list[str], eps_values: Optional[list[float]] = None,
+    def run(self, entries: list[ZooEntry], attacks: Optional[list[str]] = None, eps_values: Optional[list[float]] = None,
             dataset: Optional[dict] = None) -> list[Path]:
         """Every (entry × attack × ε) cell, on each entry's own dataset or on ``dataset``
-        (cross-dataset: train on A, test on B; the cells are filed under B). A cell the
-        protocol does not define (:func:`undefined_cell`) is skipped with its reason."""
-        eps_values = eps_values or [self.protocol.eps]
-        check_attack_names(attacks, eps_values, self.protocol)
+        (cross-dataset: train on A, test on B; the cells are filed under B); ``attacks`` None:
+        the protocol's whole suite (:func:`protocol_grid`). A cell the protocol does not
+        define (:func:`undefined_cell`) is skipped with its reason."""
+        check_attack_names(attacks or self.protocol.attacks(), eps_values or [self.protocol.eps], self.protocol)
         paths = []
         for entry, name, eps in protocol_grid(self.protocol, entries, attacks, eps_values,
                                               dataset["name"] if dataset else None):
@@ -399,19 +399,34 @@ class Runner:
         return paths
 
 
-def protocol_grid(protocol: Protocol, entries: list[ZooEntry], attacks: list[str], eps_values: list[float],
+def protocol_grid(protocol: Protocol, entries: list[ZooEntry], attacks: Optional[list[str]] = None,
+                  eps_values: Optional[list[float]] = None,
                   test_dataset: Optional[str] = None) -> Iterator[tuple[ZooEntry, str, float]]:
     """The (entry, attack, ε) cells of a run, in grid order, each on ``test_dataset`` or the
     entry's own; a cell the protocol does not define (:func:`undefined_cell`) is left out, and
-    the log says why. Both executors walk the grid through here."""
+    the log says why. Every executor walks the grid through here.
+
+    ``attacks`` None is the protocol's whole suite, what ``run --all`` runs: its grid at the
+    primary ε (or ``eps_values``), its secondary attacks at the secondary ε
+    (:attr:`Protocol.secondary_attacks`), and, against a model whose defense transforms its
+    input, the oblivious attack: the non-adaptive reference beside the adaptive cells."""
     for entry in entries:
-        for name in attacks:
-            reason = undefined_cell(protocol, name, test_dataset or entry.dataset_name)
-            if reason:
-                log(f"[yellow]–[/] {entry.id} × {name}: not run ({reason})")
-                continue
-            for eps in eps_values:
-                yield entry, name, eps
+        if attacks is not None:
+            plan = [(attacks, eps_values or [protocol.eps])]
+        else:
+            plan = [(protocol.attacks(), eps_values or [protocol.eps])]
+            if eps_values is None:
+                plan.append((protocol.secondary_attacks, [protocol.eps_secondary]))
+            if build_defense(entry.defense).input_transform() is not None:
+                plan.append((["oblivious"], eps_values or [protocol.eps]))
+        for names, budgets in plan:
+            for name in names:
+                reason = undefined_cell(protocol, name, test_dataset or entry.dataset_name)
+                if reason:
+                    log(f"[yellow]–[/] {entry.id} × {name}: not run ({reason})")
+                    continue
+                for eps in budgets:
+                    yield entry, name, eps
 
 
 def undefined_cell(protocol: Protocol, attack_name: str, dataset_name: str) -> Optional[str]:

@@ -8,7 +8,7 @@ from reidbench.cli import main
 from reidbench.protocol import load_protocol
 from reidbench.registry import ATTACKS, DEFENSES
 from reidbench.results import iter_cells
-from reidbench.runner import attack_id, undefined_cell
+from reidbench.runner import attack_id, protocol_grid, undefined_cell
 from reidbench.zoo import DEFAULT_ZOO, load_zoo
 
 
@@ -21,13 +21,14 @@ def test_run_all_covers_every_defense_and_every_grid_cell(tmp_path):
     default = [entry for entry in load_zoo(DEFAULT_ZOO).values() if "default" in entry.suite]
     assert {entry.defense["name"] for entry in default} == set(DEFENSES.names())
     written = {(record["model"]["id"], record["attack_id"]) for _, record in iter_cells(results, protocol.version)}
+    # The protocol's whole suite (grid, secondary ε, oblivious reference), minus cells it does not define.
+    expected = {(entry.id, attack_id(name, eps)) for entry, name, eps in protocol_grid(protocol, default)}
     for entry in default:
-        expected = {attack_id(name, protocol.eps) for name in protocol.attacks()
-                    if not undefined_cell(protocol, name, entry.dataset_name)}
-        expected |= {attack_id(name, protocol.eps_secondary) for name in protocol.secondary_attacks}
-        assert expected, entry.id
-        missing = sorted(cell for cell in expected if (entry.id, cell) not in written)
-        assert not missing, f"{entry.id} lacks {missing}"
+        grid = {attack_id(name, protocol.eps) for name in protocol.attacks()
+                if not undefined_cell(protocol, name, entry.dataset_name)}
+        assert grid <= {cell for model, cell in expected if model == entry.id}, entry.id
+    missing = sorted(expected - written)
+    assert not missing, f"cells missing after run --all: {missing}"
     index = (site / "index.html").read_text()
     for entry in default:
         assert entry.id in index, entry.id

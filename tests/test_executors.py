@@ -216,3 +216,22 @@ def test_trainings_wait_for_the_models_they_start_from(tiny_zoo_file, tmp_path):
     assert training_dependencies(zoo, "tiny-none") == []
     with pytest.raises(ReIDBenchError, match="--jobs"):
         ProcessExecutor(jobs=0)
+
+
+def test_the_whole_suite_adds_the_secondary_budget_and_the_oblivious_reference(tiny_zoo_file, tmp_path):
+    """`run --all` without --attack: the grid at the primary ε, M-I-FGSM at the secondary ε,
+    and the oblivious attack against a model whose defense transforms its input only."""
+    from reidbench.runner import attack_id, protocol_grid
+
+    zoo = load_zoo(grid_zoo(tiny_zoo_file, tmp_path / "zoo.yaml"))
+    protocol = load_protocol()
+    cells = {(entry.id, attack_id(name, eps)) for entry, name, eps in protocol_grid(protocol, list(zoo.values()))}
+    primary = {attack_id(name, protocol.eps) for name in protocol.attacks()}
+    for model in ("tiny-grid", "tiny-grid-rrp"):
+        assert primary <= {cell for entry, cell in cells if entry == model}
+        assert (model, attack_id("m-ifgsm", protocol.eps_secondary)) in cells
+    assert ("tiny-grid-rrp", attack_id("oblivious", protocol.eps)) in cells
+    assert ("tiny-grid", attack_id("oblivious", protocol.eps)) not in cells
+    # Naming attacks runs exactly those.
+    named = {attack_id(name, eps) for _, name, eps in protocol_grid(protocol, list(zoo.values()), ["m-fgsm"])}
+    assert named == {attack_id("m-fgsm", protocol.eps)}
