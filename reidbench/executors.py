@@ -120,9 +120,10 @@ class ProcessExecutor:
             eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
         import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         from .protocol import load_protocol
+        from .registry import ATTACKS
         from .runner import attack_id, check_attack_names, protocol_grid
         from .zoo import load_zoo
 
@@ -164,18 +165,37 @@ class ProcessExecutor:
                         raise ReIDBenchError(message)
                     done_models.add(model)
                     log(f"[green]✓[/] {model}: weights ready")
-            tasks = {pool.submit(run_cells, worker_spec, entry_id, entry_cells): entry_id
-                     for entry_id, entry_cells in cells.items()}
-            for future in as_completed(tasks):
-                status, value = future.result()
-                if status == "error":
-                    for other in tasks:
-                        other.cancel()
-                    raise ReIDBenchError(value)
-                for (name, eps), path in zip(cells[tasks[future]], value):
-                    if path is not None:
-                        paths[(tasks[future], attack_id(name, eps))] = Path(path)
-                        log(f"[green]✓[/] {tasks[future]} × {attack_id(name, eps)}")
+            # What a surrogate-based attack learns or crafts (DMR's generator, on disk) serves every
+            # target: one model's such cells run first, the others' once it is there, so that two
+            # workers never train the same generator side by side.
+            shares = {entry_id: [c for c in entry_cells if "surrogate" in ATTACKS.get(c[0]).needs]
+                      for entry_id, entry_cells in cells.items()}
+            first = next((entry_id for entry_id, shared in shares.items() if shared), None)
+            tasks = {}
+            for entry_id, entry_cells in cells.items():
+                batch = [c for c in entry_cells if c not in shares[entry_id]] + (shares[entry_id] if entry_id == first else [])
+                tasks[pool.submit(run_cells, worker_spec, entry_id, batch)] = (entry_id, batch)
+            held = {entry_id: shared for entry_id, shared in shares.items() if shared and entry_id != first}
+            pending = set(tasks)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    entry_id, batch = tasks[future]
+                    status, value = future.result()
+                    if status == "error":
+                        for other in pending:
+                            other.cancel()
+                        raise ReIDBenchError(value)
+                    for (name, eps), path in zip(batch, value):
+                        if path is not None:
+                            paths[(entry_id, attack_id(name, eps))] = Path(path)
+                            log(f"[green]✓[/] {entry_id} × {attack_id(name, eps)}")
+                    if entry_id == first:  # the shared artefacts exist now
+                        for other_id, shared in held.items():
+                            future = pool.submit(run_cells, worker_spec, other_id, shared)
+                            tasks[future] = (other_id, shared)
+                            pending.add(future)
+                        held = {}
         return [paths[key] for key in ((e, attack_id(n, eps)) for e, cs in cells.items() for n, eps in cs)
                 if key in paths]  # grid order, as the local executor
 

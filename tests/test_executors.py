@@ -190,7 +190,11 @@ def test_worker_processes_write_what_one_process_writes(tiny_zoo_file, tmp_path,
     import torch
 
     zoo_file = grid_zoo(tiny_zoo_file, tmp_path / "zoo.yaml")
-    grid = (["tiny-grid", "tiny-grid-rrp"], ["m-fgsm", "sma"])
+    # With the protocol's surrogate: its cells run on one model first, then on the others.
+    surrogate = {**yaml.safe_load(tiny_zoo_file.read_text())[0], "id": load_protocol().surrogate("synthetic")}
+    surrogate["recipe"] = {**surrogate["recipe"], "epochs": 2}
+    zoo_file.write_text(zoo_file.read_text() + yaml.safe_dump([surrogate], sort_keys=False))
+    grid = (["tiny-grid", "tiny-grid-rrp"], ["m-fgsm", "transfer", "sma"])
     monkeypatch.setattr(os, "cpu_count", lambda: 2)  # one thread per worker, whatever runs the test
     spec = RunSpec(zoo=str(zoo_file), results=str(tmp_path / "processes"), device="cpu", progress=False)
     paths = ProcessExecutor(jobs=2).run(spec, *grid)
@@ -202,7 +206,7 @@ def test_worker_processes_write_what_one_process_writes(tiny_zoo_file, tmp_path,
     finally:
         torch.set_num_threads(threads)
     assert [p.relative_to(tmp_path / "processes") for p in paths] == [p.relative_to(tmp_path / "local") for p in local_paths]
-    assert len(paths) == 4
+    assert len(paths) == 6
     assert comparable(tmp_path / "processes") == comparable(tmp_path / "local")
 
 
