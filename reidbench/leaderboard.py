@@ -635,16 +635,51 @@ def _model_base(model: str, cells: pd.DataFrame) -> dict:
     return row
 
 
+def expected_attacks(protocol_version: str, dataset: str, eps255) -> Optional[set[str]]:
+    """The attacks the protocol's suite runs on ``dataset`` at ``eps255`` (its grid at the
+    primary ε, its secondary attacks at the secondary ε, less the cells it does not define
+    there); None for a protocol this package does not know."""
+    from .runner import undefined_cell
+
+    try:
+        protocol = load_protocol(protocol_version)
+    except ReIDBenchError:
+        return None
+    names = protocol.secondary_attacks if eps255 is not None and eps255 == _eps255(protocol.eps_secondary) \
+        else protocol.attacks()
+    return {name for name in names if not undefined_cell(protocol, name, dataset)}
+
+
+def _by_worst_rank1(rows: list[dict]) -> list[dict]:
+    """RobustBench's order: models with every expected cell first, by worst-case Rank-1 (most
+    robust first), ranked; then the incomplete ones, unranked, by the same number. A worst case
+    over fewer attacks is not comparable with one over the whole grid."""
+    def order(row: dict) -> tuple:
+        value = row.get("standardized.rank1")
+        return (not row["complete"], _missing(value), 0.0 if _missing(value) else -float(value), row["model"])
+
+    ordered = sorted(rows, key=order)
+    for position, row in enumerate(ordered, 1):
+        row["rank"] = position if row["complete"] and not _missing(row.get("standardized.rank1")) else None
+    return ordered
+
+
 def summary_table(dataset: str, eps255, cells: pd.DataFrame, grid: Optional[set[str]],
-                  sweep: Optional[dict] = None) -> Table:
+                  sweep: Optional[dict] = None, expected: Optional[set[str]] = None) -> Table:
     """The headline of one dataset at one ε: reported, standardized and adaptive numbers.
     ``sweep``: the budget sweep's findings per model (``results.read_budget_sweep``); a model
-    whose Rank-1 kept falling with more iterations is flagged ``budget-sensitive``."""
+    whose Rank-1 kept falling with more iterations is flagged ``budget-sensitive``.
+    ``expected``: the attacks every model should have here (:func:`expected_attacks`); a model
+    that lacks some is marked incomplete and never ranked among the complete ones."""
     rows, any_reported, any_adaptive = [], False, False
     for model, mcells in cells.groupby("model", sort=True):
         in_grid = mcells["attack_name"].isin(grid) if grid is not None else pd.Series(True, index=mcells.index)
         standard = worst_case(mcells[in_grid])
         row = {**_model_base(model, mcells), **_reported_values(mcells), "standardized.attacks": standard["attacks"]}
+        have = set(mcells.loc[mcells["standardized"].astype(bool) & (mcells["perturbed"] == "query"), "attack_name"])
+        missing = sorted((expected or set()) - have)
+        row["complete"] = not missing
+        incomplete = f"incomplete ({len(expected) - len(missing)} of {len(expected)} attacks)" if missing else None
         _set(row, "standardized.rank1", standard["rank1"], standard["rank1_ci"])
         _set(row, "standardized.mAP", standard["mAP"], standard["mAP_ci"])
         _set(row, "var.worst", standard["identity_var"], standard["identity_var_ci"])
@@ -658,10 +693,10 @@ def summary_table(dataset: str, eps255, cells: pd.DataFrame, grid: Optional[set[
             stale += adaptive["stale"]
             any_adaptive = True
         sensitive = BUDGET_FLAG if (sweep or {}).get(model, {}).get("flag") else None
-        row["flags"] = _flags(mcells, mcells[mcells["standardized"].astype(bool)], [stale_note(stale), sensitive])
+        row["flags"] = _flags(mcells, mcells[mcells["standardized"].astype(bool)], [incomplete, stale_note(stale), sensitive])
         any_reported |= "reported.source" in row
         rows.append(row)
-    columns = list(MODEL_COLUMNS)
+    columns = [Column("rank", "#", kind="int")] + MODEL_COLUMNS
     if any_reported:
         columns += _reported_columns("robust")
     columns += [Column("clean.rank1", "clean R-1", "standardized", "pct", ci=True),
@@ -675,14 +710,16 @@ def summary_table(dataset: str, eps255, cells: pd.DataFrame, grid: Optional[set[
                     Column("adaptive.attacks", "attacks", "adaptive", "int")]
     columns += [Column("var.clean", "clean", VAR_GROUP, "var", ci=True), Column("var.worst", "worst", VAR_GROUP, "var", ci=True),
                 Column("flags", "sanity flags")]
-    note = ("Standardized: measured by the protocol runner; worst = per query, the worst outcome over every attack of the "
+    note = ("Sorted by worst-case Rank-1; # ranks the models that have every cell the protocol runs here, the others "
+            "follow unranked, flagged incomplete. "
+            "Standardized: measured by the protocol runner; worst = per query, the worst outcome over every attack of the "
             "protocol grid that perturbs the query. Adaptive: the same over every attack run on the model (grid and "
             "variants), where variants were run. A worst case combines only cells with the same weights, split and "
             "protocol; stale cells are named in the flags. Reported: the submitter's claim (robust = the lowest "
             "claimed). Per-identity variance: clean, and under the standardized worst case. Re-ranked numbers are not "
             "here: under attack they are non-adaptive (see the model pages). " + INTERVAL_NOTE)
     return Table(_table_slug(dataset, eps255, "summary"), f"{dataset}, {eps_text(eps255)}: summary", note, columns,
-                 _by_worst_map(rows, "standardized.mAP"))
+                 _by_worst_rank1(rows))
 
 
 def threat_table(dataset: str, eps255, threat: str, cells: pd.DataFrame, all_cells: pd.DataFrame) -> Table:
@@ -721,8 +758,10 @@ def threat_table(dataset: str, eps255, threat: str, cells: pd.DataFrame, all_cel
                  _by_worst_map(rows, "worst.mAP"))
 
 
-def index_sections(cells: pd.DataFrame, grid: Optional[set[str]] = None, sweep: Optional[dict] = None) -> list[dict]:
-    """Per dataset and ε: the summary table, then one table per threat model present."""
+def index_sections(cells: pd.DataFrame, grid: Optional[set[str]] = None, sweep: Optional[dict] = None,
+                   protocol_version: Optional[str] = None) -> list[dict]:
+    """Per dataset and ε: the clean-against-worst picture, the summary table, then one table
+    per threat model present."""
     sections = []
     if cells.empty:
         return sections
@@ -731,10 +770,13 @@ def index_sections(cells: pd.DataFrame, grid: Optional[set[str]] = None, sweep: 
     for dataset, dcells in cells.groupby("dataset", sort=True):
         for eps255 in sorted(set(dcells["eps255"]), key=lambda e: (e is None, e or 0)):
             ecells = dcells[dcells["eps255"].isna()] if eps255 is None else dcells[dcells["eps255"] == eps255]
-            tables = [summary_table(dataset, eps255, ecells, grid, sweep)]
+            expected = expected_attacks(protocol_version, dataset, eps255) if protocol_version else None
+            summary = summary_table(dataset, eps255, ecells, grid, sweep, expected)
+            tables = [summary]
             for threat in sorted(ecells["threat"].unique(), key=_threat_order):
                 tables.append(threat_table(dataset, eps255, threat, ecells[ecells["threat"] == threat], ecells))
             sections.append({"dataset": dataset, "eps": eps_text(eps255), "tables": tables,
+                             "picture": robustness_map(summary.rows, f"{dataset}, {eps_text(eps255)}"),
                              "split_hashes": sorted(h for h in ecells["split_hash"].unique() if h)})
     return sections
 
@@ -832,6 +874,78 @@ def robustness_svg(series: dict[str, list[tuple[float, float]]], clean: Optional
     return Markup("".join(parts))
 
 
+#: defense name -> family, the colour of its point on the index's picture (anything else: "other")
+DEFENSE_FAMILIES = {"none": "undefended", "at": "adversarial training", "goat": "adversarial training",
+                    "goat-ce": "adversarial training", "goat-sma": "adversarial training",
+                    "goat-fna": "adversarial training", "sadstrm": "adversarial training",
+                    "cs": "input transform", "rrp": "input transform", "jpeg": "input transform",
+                    "jad": "input transform + training", "jad-proactive": "input transform + training",
+                    "apd": "generative", "ddid": "generative"}
+FAMILY_COLOURS = {"undefended": "#555555", "adversarial training": "#4e79a7", "input transform": "#f28e2b",
+                  "input transform + training": "#e15759", "generative": "#59a14f", "other": "#b07aa1"}
+
+
+def defense_family(defense) -> str:
+    """The family of a defense as the cells frame holds it (a name or a JSON description)."""
+    name = defense
+    if isinstance(defense, str) and defense.startswith("{"):
+        try:
+            name = json.loads(defense).get("name")
+        except (ValueError, AttributeError):
+            name = None
+    elif isinstance(defense, dict):
+        name = defense.get("name")
+    return DEFENSE_FAMILIES.get(name, "other")
+
+
+def robustness_map(rows: list[dict], title: str) -> Optional[Markup]:
+    """An inline SVG of clean Rank-1 (x) against worst-case Rank-1 (y), one point per model
+    with its 95% intervals as bars, coloured by defense family and linked to the model's page;
+    the diagonal is 'no robustness lost'. None when no model has both numbers."""
+    points = [r for r in rows if not _missing(r.get("clean.rank1")) and not _missing(r.get("standardized.rank1"))]
+    if not points:
+        return None
+    width, height, left, top, size = 660, 380, 52, 16, 320
+    x = lambda v: left + size * v  # noqa: E731
+    y = lambda v: top + size * (1 - v)  # noqa: E731
+    parts = [f'<svg class="plot map" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}: clean against worst-case Rank-1">']
+    for tick in (0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<line x1="{left}" x2="{left + size}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" class="grid"/>'
+                     f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top}" y2="{top + size}" class="grid"/>'
+                     f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" class="tick" text-anchor="end">{100 * tick:.0f}</text>'
+                     f'<text x="{x(tick):.1f}" y="{top + size + 16}" class="tick" text-anchor="middle">{100 * tick:.0f}</text>')
+    parts.append(f'<line x1="{x(0)}" y1="{y(0)}" x2="{x(1)}" y2="{y(1)}" class="clean"/>'
+                 f'<text x="{left + size / 2}" y="{top + size + 34}" class="label" text-anchor="middle">clean Rank-1 (%)</text>'
+                 f'<text x="14" y="{top + size / 2}" class="label" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {top + size / 2})">worst-case Rank-1 (%)</text>')
+    families = []
+    for row in points:
+        family = defense_family(row.get("defense"))
+        families.append(family)
+        colour = FAMILY_COLOURS.get(family, FAMILY_COLOURS["other"])
+        cx, cy = float(row["clean.rank1"]), float(row["standardized.rank1"])
+        bars = []
+        for key, horizontal in (("clean.rank1", True), ("standardized.rank1", False)):
+            lo, hi = row.get(f"{key}.lo"), row.get(f"{key}.hi")
+            if not _missing(lo) and not _missing(hi):
+                bars.append(f'<line x1="{x(lo):.1f}" x2="{x(hi):.1f}" y1="{y(cy):.1f}" y2="{y(cy):.1f}" stroke="{colour}"/>'
+                            if horizontal else
+                            f'<line x1="{x(cx):.1f}" x2="{x(cx):.1f}" y1="{y(lo):.1f}" y2="{y(hi):.1f}" stroke="{colour}"/>')
+        shape = "" if row.get("complete", True) else ' fill-opacity="0.35"'
+        label = (f'{row["model"]} ({family}{"" if row.get("complete", True) else ", incomplete"}): clean Rank-1 '
+                 f'{100 * cx:.1f}, worst-case Rank-1 {100 * cy:.1f}')
+        parts.append(f'<a href="models/{page_name(row["model"])}.html"><g>{"".join(bars)}'
+                     f'<circle cx="{x(cx):.1f}" cy="{y(cy):.1f}" r="5" fill="{colour}"{shape}>'
+                     f'<title>{escape(label)}</title></circle></g></a>')
+    for i, family in enumerate(f for f in FAMILY_COLOURS if f in families):
+        ly = top + 8 + 16 * i
+        parts.append(f'<circle cx="{left + size + 24}" cy="{ly}" r="5" fill="{FAMILY_COLOURS[family]}"/>'
+                     f'<text x="{left + size + 34}" y="{ly + 4}" class="legend">{escape(family)}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
 def _thumbnail(value) -> Optional[str]:
     return value if isinstance(value, str) and _BASE64.match(value) else None
 
@@ -899,7 +1013,8 @@ def model_page(model: str, cells: pd.DataFrame, entries: list[tuple[Path, dict]]
                 if not _missing(r.eps) and not _missing(getattr(r, key)):
                     label = r.attack_name if r.perturbed == "query" else f"{r.attack_name} ({r.perturbed})"
                     series.setdefault(label, []).append((round(r.eps * 255, 3), float(getattr(r, key))))
-            if series:
+            # A curve against ε needs two budgets; with one, the table says it all.
+            if len({e for points in series.values() for e, _ in points}) >= 2:
                 plots.append(robustness_svg(series, _first(measured[clean_key]), metric))
         candidates = [r for r in measured.sort_values(["eps", "mAP", "attack"], kind="stable").itertuples()
                       if r.perturbed == "query" and example_figure(by_path[r.path]) is not None]
@@ -988,7 +1103,8 @@ def _render_version(results_root: Path, out_dir: Path, protocol_version: str, ap
     cells = _cells_frame([row for _, _, row in loaded])
     env = Environment(loader=FileSystemLoader(LEADERBOARD_DIR / "templates"), autoescape=select_autoescape(["html", "j2"]),
                       keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    sections = index_sections(cells, _grid(protocol_version), read_budget_sweep(results_root, protocol_version))
+    sections = index_sections(cells, _grid(protocol_version), read_budget_sweep(results_root, protocol_version),
+                              protocol_version)
     files: dict[Path, str] = {}
     for section in sections:
         for table in section["tables"]:

@@ -431,7 +431,42 @@ def test_a_budget_sensitive_model_is_flagged_in_the_summary(results, tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"flag": BUDGET_FLAG, "models": {"m-at": {"flag": True}, "m-none": {"flag": False}}}))
     index = render_site(results, tmp_path / "site").read_text()
-    summary = index[:index.index("</table>")]
+    summary = index[index.index("<table"):index.index("</table>")]  # past the picture, which links models too
     at_row = summary[summary.index("m-at.html"):].split("</tr>")[0]
     none_row = summary[summary.index("m-none.html"):].split("</tr>")[0]
     assert BUDGET_FLAG in at_row and BUDGET_FLAG not in none_row
+
+
+def test_incomplete_models_follow_the_complete_ones_unranked(tmp_path):
+    """A model with one attack must not sit above one with the whole grid (issue: `cs` with
+    1 attack at worst Rank-1 50 above the baseline with 13 at 5.9)."""
+    from reidbench.protocol import load_protocol
+
+    root = tmp_path / "results"
+    grid = load_protocol("v2").attacks()
+    for i, attack in enumerate(grid):
+        threat = "transfer" if attack in ("transfer", "dmr") else "query-based" if attack == "rank-query" else "white-box"
+        _write(root, _record(model="m-full", attack=attack, threat=threat, mAP=0.2), seed=10 + i)
+    _write(root, _record(model="m-one", defense="cs", mAP=0.9, attacked={"rank1": 0.9, "rank5": 1.0, "rank10": 1.0,
+                                                                            "mAP": 0.9, "mINP": 0.5}), seed=99)
+    render_site(root, tmp_path / "site")
+    rows = json.loads((tmp_path / "site/tables/synthetic-eps5-summary.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["m-full", "m-one"]
+    assert rows[0]["rank"] == 1 and rows[1]["rank"] is None
+    assert f"incomplete (1 of {len(grid)} attacks)" in rows[1]["flags"]
+    assert rows[1]["standardized.rank1"] > rows[0]["standardized.rank1"]  # more robust-looking, still below
+
+
+def test_the_index_picture_has_one_linked_point_per_model(results, tmp_path):
+    index = render_site(results, tmp_path / "site").read_text()
+    picture = index[index.index('<figure class="map">'):index.index("</figure>")]
+    links = re.findall(r'<a href="models/([^"]+)\.html"><g>', picture)
+    assert sorted(links) == sorted(page_name(m) for m in ("m-none", "m-at"))
+    assert "clean Rank-1" in picture and "worst-case Rank-1" in picture and "adversarial training" in picture
+
+
+def test_the_robustness_plot_needs_two_budgets(results, tmp_path):
+    render_site(results, tmp_path / "site")
+    two = (tmp_path / "site/models" / f"{page_name('m-none')}.html").read_text()  # sma at 5 and 8
+    one = (tmp_path / "site/models" / f"{page_name('m-at')}.html").read_text()  # m-ifgsm at 5 only
+    assert "<svg" in two and "<svg" not in one
