@@ -192,6 +192,14 @@ def _attack_reasons(name: str, record: dict, bundle, runner) -> list[str]:
         expected = runner.make_attack(submitted.get("name", ""), float(record["perturbation"]["eps"]), bundle).describe()
     except (ReIDBenchError, KeyError, TypeError, ValueError) as exc:
         return [f"{name}: cannot rebuild its attack ({exc})"]
+    if "surrogate" in expected and expected["surrogate"] is None:
+        # A transfer attack records the surrogate the run handed it, which must be the one the
+        # protocol fixes for the dataset (the rebuilt attack has not been handed one yet).
+        fixed = runner.protocol.surrogate(bundle.split.name) if runner.protocol.has_surrogate(bundle.split.name) else None
+        if submitted.get("surrogate") != fixed:
+            return [f"{name}: transferred from surrogate {submitted.get('surrogate')!r}, but protocol "
+                    f"{runner.protocol.version} fixes {fixed!r} for dataset '{bundle.split.name}'"]
+        expected["surrogate"] = fixed
     if "eot_samples" in expected and int(submitted.get("eot_samples", 1)) < expected["eot_samples"]:
         return [f"{name}: stochastic defense attacked without EOT (eot_samples {submitted.get('eot_samples', 1)}, "
                 f"protocol {runner.protocol.version} needs {expected['eot_samples']})"]

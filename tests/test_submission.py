@@ -239,3 +239,28 @@ def test_ci_workflow_runs_the_tests_and_validates_what_a_pull_request_submits():
     assert any(".ci/run" in run for run in steps)
     validate_step = next(run for run in steps if "reidbench validate" in run)
     assert "reidbench zoo changed --base" in validate_step and "--results submissions" in validate_step
+
+
+def test_the_records_of_a_real_run_with_a_transfer_cell_are_accepted(submission, tmp_path, capsys):
+    """What `run --all` writes validates as it is: a transfer cell records the surrogate the
+    run handed it (the protocol's), which a freshly rebuilt attack does not know yet; a
+    surrogate other than the protocol's is one rejection."""
+    zoo_file, _ = submission
+    entries = yaml.safe_load(zoo_file.read_text())
+    surrogate = {**entries[-1], "id": load_protocol().surrogate("synthetic")}
+    surrogate["recipe"] = {**surrogate["recipe"], "epochs": 2}
+    zoo_file = tmp_path / "model_zoo.yaml"
+    zoo_file.write_text(yaml.safe_dump(entries + [surrogate], sort_keys=False))
+    zoo = load_zoo(zoo_file)
+    results = tmp_path / "results"
+    Runner(zoo, results_root=results, device="cpu", rerank=False, progress=False).run(
+        [zoo["tiny-pinned"]], ["m-ifgsm", "transfer"])
+    code, reasons, _ = validate(capsys, zoo_file, results)
+    assert code == 0, reasons
+
+    cell = results / "v2/synthetic/tiny-pinned/transfer-eps5.json"
+    record = json.loads(cell.read_text())
+    record["attack"]["surrogate"] = "some-other-model"
+    cell.write_text(json.dumps(record))
+    code, reasons, _ = validate(capsys, zoo_file, results)
+    assert code != 0 and any("fixes 'resnet34-synthetic-surrogate'" in r for r in reasons), reasons
