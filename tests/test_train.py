@@ -53,6 +53,12 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_split, tmp_path, mo
     resumed = train_model(_model(tiny_split), tiny_split.train, recipe, tmp_path / "resumed", progress=False)
 
     assert resumed.epochs_run == 1
+    # The training time counts the interrupted run's epochs too, and stays out of the weights
+    # file, whose bytes must not depend on the machine's speed.
+    record = loop.training_record(tmp_path / "resumed")
+    assert record["epochs_this_run"] == 1 and record["wall_time_s"] > resumed.seconds
+    assert loop.training_record(tmp_path / "full")["wall_time_s"] == pytest.approx(full.seconds, abs=1e-3)
+    assert not any("time" in key for key in load_file_metadata(resumed.weights))
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     a, b = load_file(str(full.weights)), load_file(str(resumed.weights))
     for key in a:

@@ -19,12 +19,18 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from ..cache import fingerprint, load_verified, save_safetensors, save_torch
+from ..cache import atomic_write, fingerprint, load_verified, save_safetensors, save_torch
 from ..data.sampler import PKSampler
 from ..data.split import ReIDSubset, TrackletSubset
 from ..errors import ReIDBenchError
 from ..progress import console, log, progress_bar
 from .augment import random_erasing, random_flip, random_pad_crop
+
+
+#: beside ``model.safetensors``: how long training took (``benchmarks/cost_table.py`` reads it).
+#: Kept out of the weights file, whose bytes (hence sha256, hence every cell's input key) must
+#: not depend on the machine's speed.
+TRAINING_RECORD = "training.json"
 
 
 @dataclass
@@ -112,6 +118,12 @@ def _on_device(train, device: torch.device):
     return dataclasses.replace(train, images=train.images.to(device))
 
 
+def training_record(workdir: Path) -> Optional[dict]:
+    """What :func:`train_model` recorded about the run that wrote ``workdir``'s weights
+    (``wall_time_s``, epochs); None for weights trained before it kept a record, or a damaged one."""
+    return load_verified(Path(workdir) / TRAINING_RECORD, lambda p: json.loads(p.read_text()), "training record")
+
+
 def relabel(pids: torch.Tensor) -> torch.Tensor:
     """Map arbitrary person ids to contiguous class labels 0..C-1 (sorted order)."""
     _, labels = torch.unique(pids, return_inverse=True)
@@ -158,7 +170,7 @@ def train_model(
     else:
         optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay, nesterov=True)
 
-    start_epoch, history = 0, []
+    start_epoch, history, earlier_seconds = 0, [], 0.0
     state_path, last_path = workdir / "last_state.pt", workdir / "last.safetensors"
     # A damaged checkpoint (a run killed mid-copy, a full disk) is reported and training starts over.
     state = load_verified(state_path, lambda p: torch.load(p, weights_only=True), "training state")
@@ -169,6 +181,7 @@ def train_model(
             optimizer.load_state_dict(state["optimizer"])
             defense.load_training_state(state.get("defense", {}))
             start_epoch, history = int(state["epoch"]) + 1, json.loads(state["history"])
+            earlier_seconds = float(state.get("wall_time_s", 0.0))  # absent in states written before it was kept
 
     generator = torch.Generator().manual_seed(recipe.seed)
     started = time.time()
@@ -217,10 +230,16 @@ def train_model(
             save_safetensors(model.state_dict(), last_path, {"epoch": str(epoch)})
             save_torch(
                 {"key": key, "epoch": epoch, "optimizer": optimizer.state_dict(), "history": json.dumps(history),
-                 "defense": defense.training_state()}, state_path
+                 "defense": defense.training_state(), "wall_time_s": earlier_seconds + time.time() - started}, state_path
             )
     final = workdir / "model.safetensors"
     metadata = {"recipe": json.dumps(recipe.to_dict(), sort_keys=True), "history": json.dumps(history), "key": key}
     metadata.update({k: json.dumps(v, sort_keys=True, default=str) for k, v in (run_key or {}).items()})
     save_safetensors(model.state_dict(), final, metadata)
-    return TrainResult(final, recipe.epochs - start_epoch, history, time.time() - started)
+    seconds = time.time() - started
+    # Every epoch's time, those of interrupted runs it resumed included.
+    atomic_write(workdir / TRAINING_RECORD, (json.dumps(
+        {"wall_time_s": round(earlier_seconds + seconds, 3), "epochs": recipe.epochs,
+         "epochs_this_run": recipe.epochs - start_epoch, "device": str(device), "threads": torch.get_num_threads()},
+        sort_keys=True) + "\n").encode())
+    return TrainResult(final, recipe.epochs - start_epoch, history, seconds)
