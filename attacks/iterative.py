@@ -73,6 +73,7 @@ class IterativeMetricAttack(Attack):
     #: the attack draws randomness besides a random start (guides): a restart can end elsewhere
     random_draws = False
     strengthenable = True
+    supports_eot = True
 
     def __init__(self, eps, step, iterations, seed=0, eot_samples: int = 1, restarts: int = 1,
                  best_iterate: bool = False, worst_by: str = "rank", **params):
@@ -157,7 +158,6 @@ class IterativeMetricAttack(Attack):
         return worse
 
     def perturb(self, model, queries: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-        model.eval()
         base = private_view(ctx)
         x0 = queries.detach()
         adv, score = self._run(model, x0, base)

@@ -83,6 +83,7 @@ class UniversalPerturbation(Attack):
 
     threat_model = "white-box"
     needs = ("train",)
+    supports_eot = True
 
     def __init__(self, eps, step, iterations, seed=0, batch_p: int = 8, batch_k: int = 4, temperature: float = 0.03,
                  eot_samples: int = 1):
@@ -114,6 +115,8 @@ class UniversalPerturbation(Attack):
 
     def _learn(self, model: torch.nn.Module, train: TrainView) -> torch.Tensor:
         p = self.params
+        # universal_perturbation is public (learned outside __call__): it freezes the
+        # statistics itself
         model.eval()
         device = model_device(model)
         delta = torch.zeros(3, *train.size, device=device)

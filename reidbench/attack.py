@@ -158,6 +158,9 @@ class Attack:
     #: (1 = no restart), and whether the best iterate is kept instead of the last
     restarts = 1
     best_iterate = False
+    #: whether the attack averages its gradients over draws of a stochastic transform (EOT)
+    #: when the protocol asks for it through :meth:`adapt`
+    supports_eot = False
 
     def __init__(self, eps: float, step: float, iterations: int, seed: int = 0, **params):
         if not (0 < float(eps) <= 1):
@@ -188,11 +191,28 @@ class Attack:
             self.restarts, self.best_iterate = int(restarts), bool(best_iterate)
         return self
 
+    def adapt(self, eot_samples: int = 1) -> "Attack":
+        """Apply the protocol's adaptive settings against a stochastic defense: at least
+        ``eot_samples`` gradient draws per step for an attack that :attr:`supports_eot`; the
+        others are unchanged (their description then records none, since none was applied)."""
+        if int(eot_samples) < 1:
+            raise ReIDBenchError(f"attack '{self.registry_name}': eot_samples must be >= 1, got {eot_samples}")
+        if self.supports_eot:
+            self.eot_samples = max(self.eot_samples, int(eot_samples))
+        return self
+
     def perturb(self, model: torch.nn.Module, queries: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
         raise NotImplementedError
 
     def __call__(self, model: torch.nn.Module, queries: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-        adv = self.perturb(model, queries, ctx)
+        # An attack sees frozen batch-norm statistics and no dropout whatever the caller's mode
+        # (a training defense attacks its model mid-training); the caller gets its mode back.
+        was_training = model.training
+        model.eval()
+        try:
+            adv = self.perturb(model, queries, ctx)
+        finally:
+            model.train(was_training)
         # The contract is enforced once here, whatever a subclass did.
         adv = torch.min(torch.max(adv, queries - self.eps), queries + self.eps).clamp_(0.0, 1.0)
         return adv.detach()

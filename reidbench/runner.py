@@ -182,9 +182,8 @@ class Runner:
         p = self.protocol
         attack = build_attack(name, eps=eps, step=p.step, iterations=p.iterations, seed=p.seed)
         attack.strengthen(restarts=p.restarts, best_iterate=p.best_iterate)
-        if (bundle is not None and bundle.model.stochastic and attack.threat_model == "white-box"
-                and hasattr(attack, "eot_samples")):
-            attack.eot_samples = max(attack.eot_samples, p.eot_samples)
+        if bundle is not None and bundle.model.stochastic and attack.threat_model == "white-box":
+            attack.adapt(eot_samples=p.eot_samples)
         return attack
 
     def attacked_model(self, bundle: ModelBundle, attack: Attack) -> torch.nn.Module:
