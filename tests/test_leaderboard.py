@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from reidbench.leaderboard import page_name, render_site, results_table, worst_case
+from reidbench.checks import worst_case
+from reidbench.leaderboard import page_name, render_site, results_table
 from reidbench.metrics import identity_spread
 from reidbench.results import cell_path, write_cell
 
@@ -369,7 +370,7 @@ def test_worst_case_refuses_mixed_weights(tmp_path):
 
 
 def test_black_box_beating_white_box_on_rank1_alone_is_flagged(tmp_path):
-    from reidbench.leaderboard import cross_cell_flags
+    from reidbench.checks import cross_cell_flags
 
     root = tmp_path / "results"
     white = {"rank1": 0.4, "rank5": 0.5, "rank10": 0.6, "mAP": 0.3, "mINP": 0.1}
