@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from reidbench.leaderboard import results_table, with_interval, worst_case
+from reidbench.checks import worst_case
+from reidbench.leaderboard import results_table, with_interval
 from reidbench.protocol import CURRENT_VERSION
 
 # Published Market-1501 numbers (undefended models, ε = 5/255 unless stated), as reported

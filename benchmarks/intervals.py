@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from reidbench.checks import worst_case  # noqa: E402
 from reidbench.errors import ReIDBenchError  # noqa: E402
-from reidbench.leaderboard import results_table, with_interval, worst_case  # noqa: E402
+from reidbench.leaderboard import results_table, with_interval  # noqa: E402
 from reidbench.protocol import CURRENT_VERSION  # noqa: E402
 
 METRICS = [("clean R-1", "clean_rank1"), ("clean mAP", "clean_mAP"), ("R-1", "rank1"), ("mAP", "mAP"), ("mINP", "mINP")]

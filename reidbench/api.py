@@ -235,7 +235,7 @@ def results_frame(paths: Sequence[Path]):
     """The DataFrame of :func:`benchmark` from the records at ``paths`` (one model, one dataset)."""
     import pandas as pd
 
-    from .leaderboard import worst_case
+    from .checks import worst_case
     from .results import read_cell
 
     records = [(Path(p), read_cell(p)) for p in paths]

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -116,6 +117,26 @@ def cell_intact(path: Path, record: dict) -> bool:
         log(f"[yellow]warning:[/] {exc}; computing the cell again")
         return False
     return True
+
+
+@lru_cache(maxsize=4096)
+def _outcomes_cached(path: str, mtime_ns: int, size: int) -> dict[str, np.ndarray]:
+    return read_per_query(Path(path))
+
+
+def per_query_outcomes(cell_path: str | Path) -> dict[str, np.ndarray]:
+    """The per-query arrays beside a record (cached per file version within a process)."""
+    npz = Path(cell_path).with_suffix(".npz")
+    stat = npz.stat()
+    return _outcomes_cached(str(npz), stat.st_mtime_ns, stat.st_size)
+
+
+def outcomes_or_none(cell_path) -> Optional[dict[str, np.ndarray]]:
+    """:func:`per_query_outcomes`, or None when the cell has no readable per-query file."""
+    try:
+        return per_query_outcomes(cell_path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 def iter_cells(root: Path, protocol_version: Optional[str] = None) -> Iterable[tuple[Path, dict]]:

@@ -35,7 +35,7 @@ def installed(tmp_path_factory):
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "site", "build")
     for name in ("pyproject.toml", "README.md", "model_zoo.yaml"):
         shutil.copy2(REPO / name, source / name)
-    for name in ("reidbench", "attacks", "defenses", "leaderboard"):
+    for name in ("reidbench", "attacks", "defenses"):
         shutil.copytree(REPO / name, source / name, symlinks=True, ignore=ignore)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     # Offline and fast with the interpreter's setuptools; an environment without one (Python
@@ -59,8 +59,9 @@ def test_the_wheel_carries_zoo_protocol_and_templates(installed):
     wheel, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("reidbench/bundled/model_zoo.yaml", "reidbench/protocols/v1.yaml", "reidbench/protocols/v2.yaml",
-                 "reidbench/bundled/leaderboard/templates/index.html.j2",
-                 "reidbench/bundled/leaderboard/static/site.css", "attacks/dmr.py", "defenses/apd.py"):
+                 "reidbench/leaderboard/templates/index.html.j2", "reidbench/leaderboard/templates/_table.html.j2",
+                 "reidbench/leaderboard/static/site.css", "reidbench/leaderboard/static/site.js",
+                 "attacks/dmr.py", "defenses/apd.py"):
         assert name in names, name
     assert (REPO / "model_zoo.yaml").read_bytes() == zipfile.ZipFile(wheel).read("reidbench/bundled/model_zoo.yaml")
 

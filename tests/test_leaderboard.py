@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from reidbench.leaderboard import page_name, render_site, results_table, worst_case
+from reidbench.checks import worst_case
+from reidbench.leaderboard import page_name, render_site, results_table
 from reidbench.metrics import identity_spread
 from reidbench.results import cell_path, write_cell
 
@@ -369,7 +370,7 @@ def test_worst_case_refuses_mixed_weights(tmp_path):
 
 
 def test_black_box_beating_white_box_on_rank1_alone_is_flagged(tmp_path):
-    from reidbench.leaderboard import cross_cell_flags
+    from reidbench.checks import cross_cell_flags
 
     root = tmp_path / "results"
     white = {"rank1": 0.4, "rank5": 0.5, "rank10": 0.6, "mAP": 0.3, "mINP": 0.1}
@@ -470,3 +471,53 @@ def test_the_robustness_plot_needs_two_budgets(results, tmp_path):
     two = (tmp_path / "site/models" / f"{page_name('m-none')}.html").read_text()  # sma at 5 and 8
     one = (tmp_path / "site/models" / f"{page_name('m-at')}.html").read_text()  # m-ifgsm at 5 only
     assert "<svg" in two and "<svg" not in one
+
+
+def test_a_real_run_ranks_complete_models_first_draws_one_point_each_and_plots_only_two_budgets(
+        tiny_zoo_file, tiny_model, tmp_path, monkeypatch):
+    """Cells of a real run: the tiny baseline under the whole grid, and the same weights under
+    one attack of it (as after `run --model X --attack m-fgsm`). The grid is narrowed to two
+    cheap attacks so that the test takes seconds; over fewer attacks the copy's worst case can
+    only look more robust, yet it follows the complete model, unranked and marked."""
+    from reidbench.protocol import Protocol, load_protocol
+    from reidbench.runner import Runner
+    from reidbench.zoo import load_zoo
+
+    zoo_file = tmp_path / "zoo.yaml"
+    zoo_file.write_text(tiny_zoo_file.read_text() + """
+- id: tiny-copy
+  backbone: resnet10t
+  dataset: {name: synthetic, preset: tiny}
+  defense: none
+  model: {input_size: [64, 32], last_stride: 1}
+  weights: {from: tiny-none}
+""")
+    zoo = load_zoo(zoo_file)
+    raw = load_protocol().raw
+    protocol = Protocol("v2", {**raw, "perturbation": {**raw["perturbation"], "iterations": 2}})
+    runner = Runner(zoo, results_root=tmp_path / "results", protocol=protocol, device="cpu", train_missing=False,
+                    rerank=False, progress=False)
+    grid = ["m-fgsm", "m-ifgsm"]
+    runner.run([zoo["tiny-none"]], grid)
+    runner.run([zoo["tiny-copy"]], grid[:1])
+    monkeypatch.setattr(Protocol, "attacks", lambda self, threat_model=None: [] if threat_model else list(grid))
+
+    index = render_site(tmp_path / "results", tmp_path / "site").read_text()
+    rows = json.loads((tmp_path / "site/tables/synthetic-eps5-summary.json").read_text())["rows"]
+    assert [(r["model"], r["rank"]) for r in rows] == [("tiny-none", 1), ("tiny-copy", None)]
+    assert rows[1]["standardized.rank1"] >= rows[0]["standardized.rank1"]  # it would have been ranked first
+    assert "incomplete (1 of 2 attacks)" in rows[1]["flags"] and "incomplete" not in rows[0]["flags"]
+
+    picture = index[index.index('<figure class="map">'):index.index("</figure>")]
+    points = re.findall(r'<a href="models/([^"]+)\.html"><g>.*?<title>([^<]+)</title>', picture)
+    assert sorted(model for model, _ in points) == ["tiny-copy", "tiny-none"]
+    for (model, title), row in zip(sorted(points), sorted(rows, key=lambda r: r["model"])):
+        assert title.startswith(model) and f"worst-case Rank-1 {100 * row['standardized.rank1']:.1f}" in title
+    assert 'class="legend">undefended</text>' in picture
+
+    for model in ("tiny-none", "tiny-copy"):  # one ε each: the table says it all, no curve
+        assert "<svg" not in (tmp_path / "site/models" / f"{model}.html").read_text()
+    runner.run([zoo["tiny-none"]], grid[:1], eps_values=[8 / 255])
+    render_site(tmp_path / "results", tmp_path / "site")
+    assert "<svg" in (tmp_path / "site/models/tiny-none.html").read_text()
+    assert "<svg" not in (tmp_path / "site/models/tiny-copy.html").read_text()
