@@ -119,12 +119,8 @@ class ProcessExecutor:
     def run(self, spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]] = None,
             eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
-        import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
         from .protocol import load_protocol
-        from .registry import ATTACKS
-        from .runner import attack_id, check_attack_names, protocol_grid
+        from .runner import check_attack_names, protocol_grid
         from .zoo import load_zoo
 
         zoo = zoo if zoo is not None else load_zoo(spec.zoo)
@@ -141,6 +137,21 @@ class ProcessExecutor:
         cells: dict[str, list[tuple[str, float]]] = {}
         for entry, name, eps in protocol_grid(protocol, [zoo[i] for i in entry_ids], attacks, eps_values, spec.dataset):
             cells.setdefault(entry.id, []).append((name, eps))
+
+        from concurrent.futures.process import BrokenProcessPool  # a worker killed, or out of memory
+
+        try:
+            return self._run(spec, deps, cells)
+        except BrokenProcessPool:
+            raise ReIDBenchError("a worker process died (killed, or out of memory); every cell finished so far is "
+                                 "kept: run the same command again to continue") from None
+
+    def _run(self, spec: RunSpec, deps: dict, cells: dict) -> list[Path]:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        from .registry import ATTACKS
+        from .runner import attack_id
 
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         worker_spec = dataclasses.replace(spec, progress=False)
