@@ -103,9 +103,9 @@ def training_dependencies(zoo: dict, model_id: str) -> list[str]:
 class ProcessExecutor:
     """The grid on ``jobs`` local worker processes of ``cores // jobs`` threads each.
 
-    Small networks do not keep two threads busy (each convolution is too short to split), so
-    on a small machine two single-threaded processes get through more cells than one process
-    with two threads (benchmarks/results/default-scale.md). Models are trained first, each
+    A small network splits badly over threads: two single-threaded workers pass somewhat more
+    images than one process with two threads on a quiet machine, and far more when other jobs
+    load the cores (benchmarks/results/default-scale.md). Models are trained first, each
     once and only after the models it starts from; then each model's cells go to one worker
     as one task, so its clean features are computed once. Every random draw is seeded from
     the protocol, so a cell's numbers do not depend on which worker ran it (floating-point
