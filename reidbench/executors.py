@@ -119,14 +119,9 @@ class ProcessExecutor:
     def run(self, spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]] = None,
             eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
-        from .protocol import load_protocol
-        from .runner import check_attack_names, protocol_grid
-        from .zoo import load_zoo
+        from .runner import protocol_grid
 
-        zoo = zoo if zoo is not None else load_zoo(spec.zoo)
-        protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()
-        check_attack_names(attacks or protocol.attacks(), eps_values or [protocol.eps], protocol)
-        needed = models_needed(zoo, entry_ids, attacks or protocol.attacks(), protocol, spec.dataset)
+        zoo, protocol, needed = _plan(spec, entry_ids, attacks, eps_values, zoo)
         # Every model a training needs, its own bases included, each with what must exist first.
         deps, pending = {}, [m for models in needed.values() for m in models]
         while pending:
@@ -283,6 +278,20 @@ def models_needed(zoo: dict, entry_ids: list[str], attacks: list[str], protocol,
     return needed
 
 
+def _plan(spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]], eps_values: Optional[list[float]],
+          zoo: Optional[dict]):
+    """What a multi-process executor needs before it starts: the zoo, the protocol (attack
+    names checked, so a typo fails before any work) and the models each entry's cells need."""
+    from .protocol import load_protocol
+    from .runner import check_attack_names
+    from .zoo import load_zoo
+
+    zoo = zoo if zoo is not None else load_zoo(spec.zoo)
+    protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()
+    check_attack_names(attacks or protocol.attacks(), eps_values or [protocol.eps], protocol)
+    return zoo, protocol, models_needed(zoo, entry_ids, attacks or protocol.attacks(), protocol, spec.dataset)
+
+
 def _import_ray():
     try:
         import ray
@@ -301,15 +310,10 @@ class RayExecutor:
     def run(self, spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]] = None,
             eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
-        from .protocol import load_protocol
-        from .runner import attack_id, check_attack_names, protocol_grid
-        from .zoo import load_zoo
+        from .runner import attack_id, protocol_grid
 
         ray = _import_ray()
-        zoo = zoo if zoo is not None else load_zoo(spec.zoo)
-        protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()
-        check_attack_names(attacks or protocol.attacks(), eps_values or [protocol.eps], protocol)
-        needed = models_needed(zoo, entry_ids, attacks or protocol.attacks(), protocol, spec.dataset)
+        zoo, protocol, needed = _plan(spec, entry_ids, attacks, eps_values, zoo)
 
         started_here = not ray.is_initialized()
         if started_here:

@@ -68,3 +68,16 @@ def tiny_vi_split():
     from reidbench.data import build_dataset
 
     return build_dataset("synthetic-vi", preset="tiny")
+
+
+def zoo_with_borrower(tiny_zoo_file, path, entry_id: str, defense: str = "none"):
+    """The tiny zoo plus ``entry_id``: ``defense`` on tiny-none's trained weights (weights.from)."""
+    path.write_text(tiny_zoo_file.read_text() + f"""
+- id: {entry_id}
+  backbone: resnet10t
+  dataset: {{name: synthetic, preset: tiny}}
+  defense: {defense}
+  model: {{input_size: [64, 32], last_stride: 1}}
+  weights: {{from: tiny-none}}
+""")
+    return path

@@ -1,6 +1,7 @@
 import json
 import time
 
+from conftest import zoo_with_borrower
 from reidbench.cli import main
 from reidbench.leaderboard import render_site
 from reidbench.results import read_per_query
@@ -65,15 +66,7 @@ def test_leaderboard_is_a_pure_function_and_escapes_html(tmp_path):
 def test_defended_entries_borrow_weights_get_eot_and_reproduce(tiny_zoo_file, tiny_model, tmp_path):
     """An inference-only defense runs on the baseline's weights; against its stochastic
     transform the white-box attack is averaged over draws (EOT); two forced runs agree."""
-    zoo = tmp_path / "zoo.yaml"
-    zoo.write_text(tiny_zoo_file.read_text() + """
-- id: tiny-rrp
-  backbone: resnet10t
-  dataset: {name: synthetic, preset: tiny}
-  defense: rrp
-  model: {input_size: [64, 32], last_stride: 1}
-  weights: {from: tiny-none}
-""")
+    zoo = zoo_with_borrower(tiny_zoo_file, tmp_path / "zoo.yaml", "tiny-rrp", defense="rrp")
     results = tmp_path / "results"
     argv = ["run", "--model", "tiny-rrp", "--zoo", str(zoo), "--results", str(results), "--site", str(tmp_path / "site"),
             "--device", "cpu", "--attack", "m-fgsm", "--no-rerank", "--no-train"]

@@ -15,6 +15,7 @@ import torch
 from reidbench.checks import worst_case
 from reidbench.leaderboard import page_name, render_site, results_table
 from reidbench.metrics import identity_spread
+from conftest import zoo_with_borrower
 from reidbench.results import cell_path, write_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -483,16 +484,7 @@ def test_a_real_run_ranks_complete_models_first_draws_one_point_each_and_plots_o
     from reidbench.runner import Runner
     from reidbench.zoo import load_zoo
 
-    zoo_file = tmp_path / "zoo.yaml"
-    zoo_file.write_text(tiny_zoo_file.read_text() + """
-- id: tiny-copy
-  backbone: resnet10t
-  dataset: {name: synthetic, preset: tiny}
-  defense: none
-  model: {input_size: [64, 32], last_stride: 1}
-  weights: {from: tiny-none}
-""")
-    zoo = load_zoo(zoo_file)
+    zoo = load_zoo(zoo_with_borrower(tiny_zoo_file, tmp_path / "zoo.yaml", "tiny-copy"))
     raw = load_protocol().raw
     protocol = Protocol("v2", {**raw, "perturbation": {**raw["perturbation"], "iterations": 2}})
     runner = Runner(zoo, results_root=tmp_path / "results", protocol=protocol, device="cpu", train_missing=False,
