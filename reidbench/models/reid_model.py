@@ -140,6 +140,11 @@ class ReIDModel(nn.Module):
         self.backbone = _create_backbone(backbone, pretrained, "avg" if pooling == "avg" else "", backbone_args)
         if last_stride == 1:
             _set_last_stride_one(self.backbone)
+        # oneDNN's CPU convolutions (and cuDNN's under AMP) run fastest on NHWC; weights and
+        # inputs must share the layout or every call reorders one of them. Only strides
+        # change: state dicts are saved contiguous (cache.save_safetensors), so weights files
+        # and their hashes are the same either way. benchmarks/bench_cpu_settings.py measures it.
+        self.backbone.to(memory_format=torch.channels_last)
         self.pool = {"avg": None, "max": nn.AdaptiveMaxPool2d(1), "gem": GeneralizedMeanPooling()}[pooling]
         self.feat_dim = int(self.backbone.num_features)
         if neck == "bnneck":
@@ -166,7 +171,7 @@ class ReIDModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled global feature before the neck, for images in [0, 1]."""
-        x = self.normalize(x)
+        x = self.normalize(x).contiguous(memory_format=torch.channels_last)
         if self.pool is None:
             return self.backbone(x)
         fmap = self.backbone.forward_features(x)
