@@ -58,7 +58,9 @@ class RankQuerySignHunter(Attack):
     (0.074 vs 0.076).
 
     **Batching.** All queries of a batch move in lockstep through the same schedule, so
-    each step is one oracle call carrying one candidate per still-active query. A query
+    each step is one oracle call carrying one candidate per still-active query; the runner
+    passes every query as one batch (:attr:`~reidbench.attack.Attack.whole_query_set`), which
+    changes no query's trajectory, only how many share a forward pass. A query
     stops (and stops spending) once no true match is left in the returned top-k: its loss
     is 0 and cannot decrease further.
 
@@ -74,6 +76,7 @@ class RankQuerySignHunter(Attack):
 
     threat_model = "query-based"
     needs = ("oracle",)
+    whole_query_set = True  # deterministic, and every query follows the same block schedule
 
     def __init__(self, eps, step, iterations, seed=0, max_queries: Optional[int] = None,
                  top_k: Optional[int] = None):
@@ -104,7 +107,9 @@ class RankQuerySignHunter(Attack):
         everyone = torch.arange(batch)
         best = loss(everyone, signs)
         level, block = 0, 0
-        for _ in range(budget - 1):
+        for step in range(budget - 1):
+            if ctx.report is not None and step % 25 == 0:
+                ctx.report(step / budget)
             active = everyone[best > 0]
             if len(active) == 0:
                 break

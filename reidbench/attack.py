@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -51,9 +51,12 @@ class RankOracle:
     indices out, nothing else. Each image sent costs one query of the per-image budget."""
 
     def __init__(self, model: torch.nn.Module, gallery_feats: torch.Tensor, top_k: int, budget: int, batch_size: int,
-                 normalize: bool = True):
+                 normalize: bool = True, chunk: int = 512):
         self._model, self._gallery = model, gallery_feats
         self.top_k, self.budget, self.normalize = int(top_k), int(budget), normalize
+        #: images per forward pass: a call may carry every query of the run, more than one
+        #: pass should hold in memory
+        self.chunk = int(chunk)
         self.used = torch.zeros(batch_size, dtype=torch.long)
 
     @torch.no_grad()
@@ -67,7 +70,7 @@ class RankOracle:
         self.used.index_add_(0, owners, torch.ones_like(owners))
         if int(self.used.max()) > self.budget:
             raise BudgetExceeded(f"query budget of {self.budget} per image exceeded")
-        feats = embed(self._model, images, self.normalize).cpu()
+        feats = torch.cat([embed(self._model, part, self.normalize).cpu() for part in images.split(self.chunk)])
         dist = pairwise_distance(feats, self._gallery)
         return dist.topk(min(self.top_k, dist.shape[1]), dim=1, largest=False).indices
 
@@ -93,6 +96,9 @@ class AttackContext:
     bare: Optional[SurrogateView] = None
     oracle: Optional[RankOracle] = None
     train: Optional[TrainView] = None
+    #: an attack whose batch is long work (:attr:`Attack.whole_query_set`) reports the share
+    #: of it done, in [0, 1], so the runner's progress bar moves
+    report: Optional[Callable[[float], None]] = None
     extra: dict = field(default_factory=dict)
 
     def batch(self, index: torch.Tensor) -> "AttackContext":
@@ -151,6 +157,11 @@ class Attack:
     needs: tuple[str, ...] = ()
     #: which side is perturbed: "query" (protocol v1) or "gallery" (Bai's original variant)
     perturbs = "query"
+    #: whether the runner hands the attack every query as one batch instead of its usual
+    #: batches: for an attack whose queries move through one shared schedule (a query-based
+    #: search), so that each step's model calls carry every still-active query. Only for
+    #: attacks that draw nothing from ``ctx.generator``, whose seed depends on the batch.
+    whole_query_set = False
     #: whether :meth:`strengthen` applies to the attack (it has an iterative loop to restart
     #: and whose iterates can be tracked); a learned or universal perturbation has neither
     strengthenable = False

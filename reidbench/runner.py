@@ -8,6 +8,7 @@ is skipped, so an interrupted or repeated ``run --all`` only does what is missin
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -310,20 +311,23 @@ class Runner:
         out, linf, l2sum, zero_share = [], 0.0, 0.0, None
         positions = torch.arange(len(subset)) if only is None else torch.as_tensor(only, dtype=torch.long)
         n = len(positions)
+        batch_size = len(subset) if attack.whole_query_set else self.batch_size
         with progress_bar(enabled=self.progress) as bar:
             task = bar.add_task(f"{bundle.entry.id}: {attack.registry_name}", total=n)
-            for start in range(0, len(subset), self.batch_size):
-                index = positions[(positions >= start) & (positions < start + self.batch_size)]
+            for start in range(0, len(subset), batch_size):
+                index = positions[(positions >= start) & (positions < start + batch_size)]
                 if not len(index):
                     continue
                 images = subset.load(index, size).to(self.device)
                 batch_ctx = ctx.batch(index)
+                done = n - len(positions[positions >= start])
+                batch_ctx.report = lambda share, done=done, count=len(index): bar.update(task, completed=done + share * count)
                 # One generator per batch, seeded from its position: results do not depend on batch order.
                 batch_ctx.generator = torch.Generator().manual_seed(attack.seed * 1_000_003 + start)
                 torch.manual_seed(attack.seed * 1_000_003 + start)  # the defense transform's draws, likewise
                 if "oracle" in attack.needs:
                     batch_ctx.oracle = RankOracle(model, ctx.gallery_feats, q.get("top_k", 10), q.get("budget", 500),
-                                                  len(index), self.protocol.normalize)
+                                                  len(index), self.protocol.normalize, chunk=4 * self.batch_size)
                 if start == 0 and attack.threat_model == "white-box":
                     zero_share = input_gradient_zero_share(target, images, batch_ctx, self.protocol.normalize)
                 adv = attack(target, images, batch_ctx)
@@ -334,7 +338,7 @@ class Runner:
                 l2sum += float(delta.norm(dim=1).sum())
                 with torch.no_grad():
                     out.append(embed(model, adv, self.protocol.normalize).cpu())
-                bar.update(task, advance=len(index))
+                bar.update(task, completed=done + len(index))
         return torch.cat(out), linf, l2sum / max(n, 1), zero_share
 
     def score(self, bundle: ModelBundle, feats: dict, q: torch.Tensor, g: torch.Tensor,
@@ -342,26 +346,44 @@ class Runner:
         split = bundle.split
         record, per_query, example_rows = {}, {}, {}
         for label, (qf, gf) in (("clean", (feats["query"], feats["gallery"])), ("attacked", (q, g))):
-            q_g = pairwise_distance(qf, gf)
-            if example is not None and example.index is not None:
-                example_rows[label] = q_g[example.index]
-            record[label], result = rank_metrics(q_g, split, self.protocol)
-            per_query[f"{label}_ap"] = np.asarray(result.per_query_ap, dtype=np.float32)
-            per_query[f"{label}_first_hit"] = np.asarray(result.per_query_first_hit, dtype=np.int32)
-            per_query[f"{label}_inp"] = np.asarray(result.per_query_inp, dtype=np.float32)
-            if self.rerank:
-                g_g = feats["g_g"] if gf is feats["gallery"] else pairwise_distance(gf, gf)
-                reranked = k_reciprocal_rerank(q_g, pairwise_distance(qf, qf), g_g, **self.protocol.rerank)
-                record[f"{label}_reranked"], _ = rank_metrics(reranked, split, self.protocol)
-                if label == "attacked" and not self.protocol.rerank_attacked_adaptive:
-                    # The attack optimised plain distances, not the re-ranked ones.
-                    record[f"{label}_reranked"]["adaptive"] = False
+            if label == "clean":
+                # Every cell of a model scores the same clean features: score them once.
+                if "clean_score" not in feats:
+                    feats["clean_score"] = self._score_side(split, qf, gf, feats, "clean", example)
+                scored = copy.deepcopy(feats["clean_score"])
+            else:
+                scored = self._score_side(split, qf, gf, feats, label, example)
+            metrics, arrays, example_row = scored
+            record.update(metrics)
+            per_query.update(arrays)
+            if example_row is not None:
+                example_rows[label] = example_row
         per_query["query_pids"] = split.query.pids.numpy().astype(np.int64)
         if example_rows:
             record["example"] = ranking_example(split, example, example_rows["clean"], example_rows["attacked"])
         record["conventions"] = {"ap": self.protocol.ap, "distance": "euclidean", "normalized": self.protocol.normalize,
                                  "rerank": self.protocol.rerank if self.rerank else None}
         return record, per_query
+
+    def _score_side(self, split: ReIDSplit, qf: torch.Tensor, gf: torch.Tensor, feats: dict, label: str,
+                    example: Optional[ExampleCapture]) -> tuple[dict, dict, Optional[torch.Tensor]]:
+        """Metrics (plain and re-ranked), per-query arrays and the example query's distance row
+        of one side of a cell (``label``: clean or attacked)."""
+        q_g = pairwise_distance(qf, gf)
+        metrics, arrays = {}, {}
+        metrics[label], result = rank_metrics(q_g, split, self.protocol)
+        arrays[f"{label}_ap"] = np.asarray(result.per_query_ap, dtype=np.float32)
+        arrays[f"{label}_first_hit"] = np.asarray(result.per_query_first_hit, dtype=np.int32)
+        arrays[f"{label}_inp"] = np.asarray(result.per_query_inp, dtype=np.float32)
+        if self.rerank:
+            g_g = feats["g_g"] if gf is feats["gallery"] else pairwise_distance(gf, gf)
+            reranked = k_reciprocal_rerank(q_g, pairwise_distance(qf, qf), g_g, **self.protocol.rerank)
+            metrics[f"{label}_reranked"], _ = rank_metrics(reranked, split, self.protocol)
+            if label == "attacked" and not self.protocol.rerank_attacked_adaptive:
+                # The attack optimised plain distances, not the re-ranked ones.
+                metrics[f"{label}_reranked"]["adaptive"] = False
+        row = q_g[example.index].clone() if example is not None and example.index is not None else None
+        return metrics, arrays, row
 
     def sanity_flags(self, bundle: ModelBundle, record: dict) -> list[str]:
         """Per-cell signs that a number should not be trusted (in the spirit of AutoAttack's

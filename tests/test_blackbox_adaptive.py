@@ -92,6 +92,25 @@ def test_rank_query_plans_with_what_is_left_of_the_budget(setting):
     assert int(oracle.used.max()) <= 4
 
 
+def test_rank_query_on_the_whole_query_set_equals_its_batches_and_chunks(setting):
+    """The runner hands rank-query every query at once and the oracle chunks its forward
+    passes: neither may change any query's search (each follows its own loss through one
+    shared schedule), only how many images share a pass."""
+    model, _, _, queries, ctx = setting
+    whole, _ = rank_query(model, queries, ctx, budget=30)
+    parts = [rank_query(model, queries[i:i + 3], ctx.batch(torch.arange(i, min(i + 3, len(queries)))), budget=30)[0]
+             for i in range(0, len(queries), 3)]
+    assert torch.equal(whole, torch.cat(parts))
+    chunked_ctx = ctx.batch(torch.arange(len(queries)))
+    chunked_ctx.oracle = RankOracle(model, chunked_ctx.gallery_feats, top_k=len(chunked_ctx.gallery_pids), budget=30,
+                                    batch_size=len(queries), chunk=3)
+    shares = []
+    chunked_ctx.report = shares.append
+    adv = build_attack("rank-query", eps=EPS, step=STEP, iterations=15)(model, queries, chunked_ctx)
+    assert torch.equal(adv, whole)
+    assert shares and all(0 <= a < b <= 1 for a, b in zip(shares, shares[1:]))
+
+
 # --- EOT -----------------------------------------------------------------------------------
 class RandomResizePad(nn.Module):
     """Random resizing and padding (Xie et al., ICLR 2018), drawn per image from its own
