@@ -169,7 +169,8 @@ class AdversarialTraining(Defense):
         inner.step = self.inner.step * std.detach()
         return inner
 
-    def training_batch(self, model, images, pids, generator):
+    def training_batch(self, model, batch, generator):
+        images, pids = batch.images, batch.pids
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         share = self.params["adversarial_share"]
         chosen = torch.arange(images.shape[0])
@@ -221,11 +222,11 @@ class GOAT(AdversarialTraining):
         if loss == "triplet":  # the shared loss takes its margin from the recipe
             self.params.update(margin=float(margin), soft_margin=bool(soft_margin))
 
-    def training_loss(self, model, images, pids, recipe):
+    def training_loss(self, model, batch, recipe):
         if self.params["loss"] == "ce-triplet":
-            return super().training_loss(model, images, pids, recipe)
-        _, features = model(images)
-        triplet = batch_hard_triplet(features, pids, None if self.params["soft_margin"] else self.params["margin"])
+            return super().training_loss(model, batch, recipe)
+        _, features = model(batch.images)
+        triplet = batch_hard_triplet(features, batch.pids, None if self.params["soft_margin"] else self.params["margin"])
         return triplet, {"triplet": float(triplet.detach())}
 
 
