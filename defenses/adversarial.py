@@ -56,10 +56,9 @@ import torch
 import torch.nn as nn
 
 from attacks.iterative import IterativeMetricAttack
-from reidbench.attack import AttackContext
+from reidbench.attack import training_batch_context
 from reidbench.defense import Defense
 from reidbench.errors import ReIDBenchError
-from reidbench.features import embed
 from reidbench.registry import DEFENSES
 from reidbench.train.losses import batch_hard_triplet
 
@@ -170,7 +169,7 @@ class AdversarialTraining(Defense):
         return inner
 
     def training_batch(self, model, batch, generator):
-        images, pids = batch.images, batch.pids
+        images = batch.images
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         share = self.params["adversarial_share"]
         chosen = torch.arange(images.shape[0])
@@ -179,18 +178,10 @@ class AdversarialTraining(Defense):
         was_training = model.training
         model.eval()
         attacked = model if self.params["bn_mode"] == "eval" else _BatchStatisticsFeatures(model)
-        with torch.no_grad():
-            feats = embed(attacked, images)
         chosen = chosen.to(images.device)
-        ctx = AttackContext(
-            query_pids=pids[chosen], query_camids=torch.zeros_like(pids[chosen]), query_feats=feats[chosen],
-            gallery_feats=feats, gallery_pids=pids, gallery_camids=torch.zeros_like(pids),
-            generator=torch.Generator().manual_seed(seed),
-        )
-        inner = self._attack_for(model)
         # Guides are drawn from the whole batch; the attacked images are its ``rows``.
-        ctx.extra["rows"] = chosen
-        adversarial = inner(attacked, images[chosen], ctx)
+        ctx = training_batch_context(attacked, images, batch.pids, seed, rows=chosen)
+        adversarial = self._attack_for(model)(attacked, images[chosen], ctx)
         model.train(was_training)
         out = images.clone()
         out[chosen] = adversarial.to(images.dtype)
