@@ -12,6 +12,7 @@ ratio to the undefended baseline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import time
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import defenses  # noqa: F401
-from reidbench.defense import build_defense
+from reidbench.defense import TrainBatch, build_defense
 from reidbench.models import ReIDModel
 from reidbench.train import Recipe
 
@@ -35,12 +36,13 @@ def training_steps(name: str, steps: int, size=(64, 32), p=16, k=4, backbone="re
     optimizer = torch.optim.Adam(model.parameters(), lr=3.5e-4)
     images = torch.rand(p * k, 3, *size)
     pids = torch.arange(p).repeat_interleave(k)
+    clean = TrainBatch(images, pids, torch.zeros_like(pids))
     generator = torch.Generator().manual_seed(0)
 
     def step():
-        batch = defense.training_batch(model, images, pids, generator)
+        batch = dataclasses.replace(clean, images=defense.training_batch(model, clean, generator))
         model.train()
-        loss, _ = defense.training_loss(model, batch, pids, recipe)
+        loss, _ = defense.training_loss(model, batch, recipe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

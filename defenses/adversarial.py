@@ -56,10 +56,9 @@ import torch
 import torch.nn as nn
 
 from attacks.iterative import IterativeMetricAttack
-from reidbench.attack import AttackContext
+from reidbench.attack import training_batch_context
 from reidbench.defense import Defense
 from reidbench.errors import ReIDBenchError
-from reidbench.features import embed
 from reidbench.registry import DEFENSES
 from reidbench.train.losses import batch_hard_triplet
 
@@ -169,7 +168,8 @@ class AdversarialTraining(Defense):
         inner.step = self.inner.step * std.detach()
         return inner
 
-    def training_batch(self, model, images, pids, generator):
+    def training_batch(self, model, batch, generator):
+        images = batch.images
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         share = self.params["adversarial_share"]
         chosen = torch.arange(images.shape[0])
@@ -178,18 +178,10 @@ class AdversarialTraining(Defense):
         was_training = model.training
         model.eval()
         attacked = model if self.params["bn_mode"] == "eval" else _BatchStatisticsFeatures(model)
-        with torch.no_grad():
-            feats = embed(attacked, images)
         chosen = chosen.to(images.device)
-        ctx = AttackContext(
-            query_pids=pids[chosen], query_camids=torch.zeros_like(pids[chosen]), query_feats=feats[chosen],
-            gallery_feats=feats, gallery_pids=pids, gallery_camids=torch.zeros_like(pids),
-            generator=torch.Generator().manual_seed(seed),
-        )
-        inner = self._attack_for(model)
         # Guides are drawn from the whole batch; the attacked images are its ``rows``.
-        ctx.extra["rows"] = chosen
-        adversarial = inner(attacked, images[chosen], ctx)
+        ctx = training_batch_context(attacked, images, batch.pids, seed, rows=chosen)
+        adversarial = self._attack_for(model)(attacked, images[chosen], ctx)
         model.train(was_training)
         out = images.clone()
         out[chosen] = adversarial.to(images.dtype)
@@ -221,11 +213,11 @@ class GOAT(AdversarialTraining):
         if loss == "triplet":  # the shared loss takes its margin from the recipe
             self.params.update(margin=float(margin), soft_margin=bool(soft_margin))
 
-    def training_loss(self, model, images, pids, recipe):
+    def training_loss(self, model, batch, recipe):
         if self.params["loss"] == "ce-triplet":
-            return super().training_loss(model, images, pids, recipe)
-        _, features = model(images)
-        triplet = batch_hard_triplet(features, pids, None if self.params["soft_margin"] else self.params["margin"])
+            return super().training_loss(model, batch, recipe)
+        _, features = model(batch.images)
+        triplet = batch_hard_triplet(features, batch.pids, None if self.params["soft_margin"] else self.params["margin"])
         return triplet, {"triplet": float(triplet.detach())}
 
 

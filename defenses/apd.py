@@ -482,15 +482,10 @@ class APD(Defense):
         self._partners: Optional[torch.Tensor] = None
 
     # --- stage 1 ---------------------------------------------------------------------------
-    def _zoo(self) -> dict:
-        if self.zoo is not None:
-            return self.zoo
-        from reidbench.zoo import load_zoo
-
-        return load_zoo()
-
-    def feature_source(self, device: str = "cpu", progress: bool = True) -> tuple[dict, Optional[tuple]]:
-        """What decides ψ and φ (for the cache key) and, for a zoo entry, (entry, weights file)."""
+    def feature_source(self, device: str = "cpu", progress: bool = True,
+                       zoo: Optional[dict] = None) -> tuple[dict, Optional[tuple]]:
+        """What decides ψ and φ (for the cache key) and, for an entry of ``zoo`` (the default zoo
+        when None), (entry, weights file, recipe key the weights were trained under)."""
         name = self.params["feature_net"]
         if name == IMAGENET:
             return {"feature_net": "timm resnet50, ImageNet weights"}, None
@@ -498,17 +493,18 @@ class APD(Defense):
             return {"feature_net": name["backbone"], "sha256": name["pretrained"]["sha256"]}, ("pretrained", name)
         from reidbench.errors import unknown_name
         from reidbench.cache import sha256_file
-        from reidbench.zoo import obtain_weights, training_entry
+        from reidbench.zoo import load_zoo, obtain_weights, training_entry
 
-        zoo = self._zoo()
+        zoo = load_zoo() if zoo is None else zoo
         if name not in zoo:
             raise unknown_name("feature_net zoo entry (defense 'apd')", name, [IMAGENET, *zoo])
         entry = zoo[name]
-        if training_entry(entry, zoo).defense.get("name") == "apd":
+        trained_as = training_entry(entry, zoo)
+        if trained_as.defense.get("name") == "apd":
             raise ReIDBenchError(f"defense 'apd': feature_net '{name}' is itself trained with APD; "
                                  "name a model that does not need this one")
         path = obtain_weights(entry, None, True, device, progress, zoo)
-        return {"feature_net": name, "sha256": sha256_file(path)}, (entry, path)
+        return {"feature_net": name, "sha256": sha256_file(path)}, (entry, path, trained_as.recipe_key())
 
     def feature_network(self, source: Optional[tuple]) -> FrozenFeatures:
         """ψ and φ, frozen."""
@@ -529,13 +525,13 @@ class APD(Defense):
             model.load_pretrained()
             return FrozenFeatures(model, p["metric_stage"], p["content_stage"], resize=False)
         from reidbench.models import build_model
-        from reidbench.zoo import load_weights, training_entry
+        from reidbench.zoo import load_weights
 
-        entry, path = source
+        entry, path, recipe_key = source
         if path.suffix == ".onnx":
             raise ReIDBenchError(f"defense 'apd': feature_net '{entry.id}' is an ONNX model; it needs a timm backbone")
         model = build_model(entry.model_spec(), num_classes=0)
-        load_weights(model, path, entry.id, recipe_key=training_entry(entry, self._zoo()).recipe_key())
+        load_weights(model, path, entry.id, recipe_key=recipe_key)
         return FrozenFeatures(model, p["metric_stage"], p["content_stage"])
 
     def build_mpg(self) -> tuple[MetricPerturbationGenerator, PatchDiscriminator]:
@@ -546,20 +542,21 @@ class APD(Defense):
             return (MetricPerturbationGenerator(p["gen_width"], p["gen_blocks"], eps),
                     PatchDiscriminator(p["disc_width"]))
 
-    def prepare_train(self, split, device: str = "cpu") -> ReIDSubset:
-        generated = self.generated_set(split, device)
+    def prepare_train(self, split, device: str = "cpu", zoo: Optional[dict] = None) -> ReIDSubset:
+        generated = self.generated_set(split, device, zoo=zoo)
         parts = [split.train, generated] if self.params["include_real"] else [generated]
         return concat_subsets(parts, tuple(split.image_size))
 
-    def generated_set(self, split, device: str = "cpu", progress: bool = True) -> ReIDSubset:
+    def generated_set(self, split, device: str = "cpu", progress: bool = True, zoo: Optional[dict] = None) -> ReIDSubset:
         """The "New Source Domain": G(x) for every training image of ``split``, with its source's
-        labels (cached, as is the trained MPG-Net; see the module docstring)."""
+        labels (cached, as is the trained MPG-Net; see the module docstring). ``zoo`` holds a
+        ``feature_net`` named by entry id (the default zoo when None)."""
         p = self.params
         train = split.train
         if train.num_ids < 2:
             raise ReIDBenchError(f"defense 'apd': MPG-Net needs negatives of other identities; '{split.name}' "
                                  f"trains on {train.num_ids} identity")
-        described, source = self.feature_source(device, progress)
+        described, source = self.feature_source(device, progress, zoo)
         key = _fingerprint({"split": split.split_hash, "size": list(split.image_size), "version": MPG_VERSION,
                             **described, **{k: p[k] for k in _MPG_KEYS}})
         root = cache_dir() / "apd"
@@ -591,12 +588,13 @@ class APD(Defense):
         return ReIDSubset(train.pids, train.camids, images=hard)
 
     # --- stage 2 ---------------------------------------------------------------------------
-    def training_batch(self, model, images, pids, generator):
+    def training_batch(self, model, batch, generator):
         # Drawn here, from the loop's generator, so that a resumed run shuffles as an uninterrupted one.
-        self._partners = shuffle_partners(pids, generator)
-        return images
+        self._partners = shuffle_partners(batch.pids, generator)
+        return batch.images
 
-    def training_loss(self, model, images, pids, recipe):
+    def training_loss(self, model, batch, recipe):
+        images, pids = batch.images, batch.pids
         if not isinstance(model, SemanticPurificationModel):
             raise ReIDBenchError("defense 'apd' trains the SP-Net model: give its zoo entry `model: {head: apd-split}`")
         partners, self._partners = self._partners, None

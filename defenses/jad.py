@@ -188,8 +188,8 @@ class JADProactive(Defense):
         super().__init__(**proactive)
         self.proactive = ProactiveTransform(**proactive)
 
-    def training_batch(self, model, images, pids, generator):
-        return self.proactive(images, generator)
+    def training_batch(self, model, batch, generator):
+        return self.proactive(batch.images, generator)
 
 
 @DEFENSES.register("jad")

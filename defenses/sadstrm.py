@@ -145,8 +145,8 @@ class SelfAttackDefense(Defense):
             p["style_eps"] * spread * (g.sign() if g is not None else torch.zeros_like(spread))
             for g, spread in zip(grads, hook.spread))
 
-    def training_loss(self, model, images, pids, recipe):
-        modality = self.batch_labels.get("modality")
+    def training_loss(self, model, batch, recipe):
+        images, pids, modality = batch.images, batch.pids, batch.modality
         if modality is None:
             raise ReIDBenchError(f"defense '{self.registry_name}' needs the modality of every training sample, "
                                  "and this training batch has none")

@@ -144,6 +144,35 @@ class AttackContext:
         return torch.where(match.any(1), rank, torch.full_like(rank, -1))
 
 
+def training_batch_context(model: torch.nn.Module, images: torch.Tensor, pids: torch.Tensor, seed: int,
+                           rows: Optional[torch.Tensor] = None) -> AttackContext:
+    """The context for attacking a training batch with ``model`` (adversarial training's inner
+    attack, DDID's self-meta step): the batch is its own gallery, with ``model``'s clean
+    features, taken in eval mode (frozen batch-norm statistics; the caller restores the mode);
+    the queries are the images at ``rows`` (all of them when None), which ``extra["rows"]``
+    names.
+
+    Each image is its own camera. Under the Market protocol a same-camera match is junk, so
+    every other image of a query's identity in the batch is a true match (what the attacks'
+    guides, ``same_identity_mask``, and ``match_rank`` count), and the query itself is not.
+    The dataset's cameras would drop an identity's same-camera images, which a P×K batch
+    draws regardless of camera (for an identity seen by one camera, every one of them); one
+    camera for all would leave no match at all.
+    """
+    from .features import embed
+
+    model.eval()
+    with torch.no_grad():
+        feats = embed(model, images)
+    own_camera = torch.arange(len(images), device=pids.device)
+    rows = torch.arange(len(images), device=pids.device) if rows is None else rows
+    ctx = AttackContext(query_pids=pids[rows], query_camids=own_camera[rows], query_feats=feats[rows],
+                        gallery_feats=feats, gallery_pids=pids, gallery_camids=own_camera,
+                        generator=torch.Generator().manual_seed(seed))
+    ctx.extra["rows"] = rows
+    return ctx
+
+
 class Attack:
     """Base class of every registered attack.
 

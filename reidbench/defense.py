@@ -10,6 +10,7 @@ non-differentiable one provides a BPDA surrogate (Athalye et al., ICML 2018).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,6 +18,22 @@ import torch.nn as nn
 
 from .errors import ReIDBenchError
 from .registry import DEFENSES
+
+
+@dataclass(frozen=True, eq=False)
+class TrainBatch:
+    """One step of the shared training loop, as a defense's training hooks receive it.
+
+    ``images``: (B, 3, H, W) images in [0, 1], or (B, T, 3, H, W) tracklets for a video model,
+    already augmented. ``pids``: the classifier's labels, the dataset's person ids mapped to
+    0..C-1. ``camids``: the dataset's camera of each image. ``modality``: 0 visible, 1
+    infrared, None when the dataset has no modality labels. All on the images' device.
+    """
+
+    images: torch.Tensor
+    pids: torch.Tensor
+    camids: torch.Tensor
+    modality: Optional[torch.Tensor] = None
 
 
 class Defense:
@@ -29,10 +46,6 @@ class Defense:
     differentiable = True
     #: datasets kinds the defense can train on ("image", "video", "cross-modality")
     data_kinds: tuple[str, ...] = ("image",)
-    #: per-sample labels of the current training batch besides the person ids, set by the
-    #: training loop before each batch: ``camids`` and ``modality`` (None when the dataset
-    #: has no modality labels), on the batch's device
-    batch_labels: dict = {}
     #: parameters whose value may name another zoo entry (e.g. APD's ``feature_net``): the zoo
     #: pins that entry's recipe key into this one's, so retraining it retrains this
     zoo_references: tuple[str, ...] = ()
@@ -44,10 +57,6 @@ class Defense:
     #: ``describe()``, hence of every cell's key, but not of the training record
     #: (tests/training_defaults.json), since changing them retrains nothing
     inference_params: tuple[str, ...] = ()
-    #: the zoo of the entry being trained, set by ``reidbench.zoo.train_entry`` before
-    #: ``prepare_train`` (None outside it), for a defense that names other entries (APD's
-    #: frozen feature network)
-    zoo: Optional[dict] = None
 
     def __init__(self, **params):
         self.params = params
@@ -62,21 +71,27 @@ class Defense:
         return None
 
     # --- training (called by reidbench.zoo.train_entry and reidbench.train.train_model) --
-    def prepare_train(self, split, device: str = "cpu"):
+    def prepare_train(self, split, device: str = "cpu", zoo: Optional[dict] = None):
         """The training subset the shared loop trains on, built once per training run; a
         defense that adds training data (DDID's generated images) returns an extended subset
-        (see ``reidbench.data.concat_subsets``) and caches what is costly to rebuild."""
+        (see ``reidbench.data.concat_subsets``) and caches what is costly to rebuild.
+        ``zoo`` is the zoo of the entry being trained (None outside one): where a defense
+        finds the entries its ``zoo_references`` parameters name (APD's frozen feature network)."""
         return split.train
 
-    def training_batch(self, model: nn.Module, images: torch.Tensor, pids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Replace or augment a training batch (adversarial examples, proactive transforms)."""
-        return images
+    def training_batch(self, model: nn.Module, batch: TrainBatch, generator: torch.Generator) -> torch.Tensor:
+        """The images the loss is computed on: ``batch.images`` replaced in part or in whole
+        (adversarial examples, proactive transforms), one per image, so the batch's labels
+        still hold. Random draws come from ``generator``, which the loop re-seeds each epoch,
+        so that a resumed run draws what an uninterrupted one would."""
+        return batch.images
 
-    def training_loss(self, model: nn.Module, images: torch.Tensor, pids: torch.Tensor, recipe) -> tuple[torch.Tensor, dict]:
-        """The loss minimised on a prepared batch; the default is the standard ReID loss."""
+    def training_loss(self, model: nn.Module, batch: TrainBatch, recipe) -> tuple[torch.Tensor, dict]:
+        """The loss minimised on the batch whose images :meth:`training_batch` returned, and
+        the named terms to log; the default is the standard ReID loss."""
         from .train.losses import reid_loss
 
-        return reid_loss(model, images, pids, recipe)
+        return reid_loss(model, batch.images, batch.pids, recipe)
 
     def training_state(self) -> dict:
         """What the defense itself learns during training (e.g. a generator and its optimiser),

@@ -456,9 +456,8 @@ def train_entry(entry: ZooEntry, split=None, device: str = "cpu", progress: bool
             raise ReIDBenchError(f"entry '{entry.id}' starts from '{entry.init['from']}', which is not in the zoo")
         base_weights = obtain_weights(zoo[entry.init["from"]], split, True, device, progress, zoo)
         load_weights(model, base_weights, entry.init["from"], recipe_key=entry.init["recipe_key"], keep_classifier=True)
-    defense.zoo = zoo
     result = train_model(
-        model, defense.prepare_train(split, device), recipe, trained_weights_dir(entry), defense=defense, device=device, progress=progress,
+        model, defense.prepare_train(split, device, zoo), recipe, trained_weights_dir(entry), defense=defense, device=device, progress=progress,
         run_key={"entry": entry.id, "recipe_key": entry.recipe_key(), "split_hash": split.split_hash,
                  "defense": entry.defense, "dataset": entry.dataset},
     )

@@ -15,7 +15,7 @@ from defenses.apd import (APD, FrozenFeatures, MetricPerturbationGenerator, Sema
                           discriminator_loss, draw_negatives, generator_adversarial_loss, idempotence_loss,
                           metric_perturbation_loss, reversed_triplet, running_stats_frozen, shuffle_partners,
                           train_mpg)
-from reidbench.defense import build_defense
+from reidbench.defense import TrainBatch, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.models import ReIDModel, build_model
 from reidbench.registry import DEFENSES
@@ -222,15 +222,16 @@ def ssd_inputs(b=8):
     pids = torch.arange(b) // 2
     apd = APD(feature_net="unused")
     model = split_model(num_classes=int(pids.max()) + 1)
-    x = images(b=b)
-    apd.training_batch(model, x, pids, torch.Generator().manual_seed(0))
-    return apd, model, x, pids
+    batch = TrainBatch(images(b=b), pids, torch.zeros_like(pids))
+    apd.training_batch(model, batch, torch.Generator().manual_seed(0))
+    return apd, model, batch
 
 
 def test_branches_share_every_parameter_of_the_network():
-    apd, model, x, pids = ssd_inputs()
+    apd, model, batch = ssd_inputs()
+    x, pids = batch.images, batch.pids
     recipe = Recipe(triplet_margin=None)
-    loss, logs = apd.training_loss(model, x, pids, recipe)
+    loss, logs = apd.training_loss(model, batch, recipe)
     assert {"l_k", "l_nk", "l_k_star", "nk_triplet", "nk_ce", "ce", "triplet", "ce_star", "triplet_star"} <= set(logs)
     expected = logs["l_k"] + 0.5 * logs["l_nk"] + 0.1 * logs["l_k_star"]
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
@@ -246,11 +247,12 @@ def test_branches_share_every_parameter_of_the_network():
 
 
 def test_running_statistics_follow_the_deployed_branch_only():
-    apd, model, x, pids = ssd_inputs()
-    reference = split_model(num_classes=int(pids.max()) + 1)
+    apd, model, batch = ssd_inputs()
+    x = batch.images
+    reference = split_model(num_classes=int(batch.pids.max()) + 1)
     reference.load_state_dict(model.state_dict())
     model.train(), reference.train()
-    apd.training_loss(model, x, pids, Recipe())
+    apd.training_loss(model, batch, Recipe())
     reference.branch(reference.split(reference.embedding_map(x))[0])
     assert torch.allclose(model.bottleneck.running_mean, reference.bottleneck.running_mean, atol=1e-6)
     assert torch.allclose(model.backbone.layer4[0].bn1.running_var, reference.backbone.layer4[0].bn1.running_var,
@@ -263,7 +265,8 @@ def test_running_statistics_follow_the_deployed_branch_only():
 
 
 def test_nk_classifier_target_is_the_negatives_identity(monkeypatch):
-    apd, model, x, pids = ssd_inputs()
+    apd, model, batch = ssd_inputs()
+    pids = batch.pids
     seen = {}
     import defenses.apd as module
 
@@ -274,7 +277,7 @@ def test_nk_classifier_target_is_the_negatives_identity(monkeypatch):
     monkeypatch.setattr(module, "cross_entropy_label_smoothing", spy)
     partners = apd._partners.clone()
     apd.params["nk_negative"] = "partner"
-    apd.training_loss(model, x, pids, Recipe())
+    apd.training_loss(model, batch, Recipe())
     assert torch.equal(seen["targets"][-1], pids[partners])
     assert (seen["targets"][-1] != pids).all()
 
@@ -348,8 +351,7 @@ def test_prepare_train_appends_a_generated_set_that_is_cached(tiny_split, featur
     from reidbench.data import cache_dir
 
     apd = APD(feature_net="tiny-synthetic-none", mpg_steps=3, **TINY_MPG)
-    apd.zoo = feature_zoo
-    train = apd.prepare_train(tiny_split)
+    train = apd.prepare_train(tiny_split, zoo=feature_zoo)
     n = len(tiny_split.train)
     assert len(train) == 2 * n and torch.equal(train.pids, tiny_split.train.pids.repeat(2))
     assert torch.equal(train.camids[n:], tiny_split.train.camids)
@@ -363,18 +365,15 @@ def test_prepare_train_appends_a_generated_set_that_is_cached(tiny_split, featur
 
     monkeypatch.setattr(module, "train_mpg", no_training)
     again = APD(feature_net="tiny-synthetic-none", mpg_steps=3, **TINY_MPG)
-    again.zoo = feature_zoo
-    assert torch.equal(again.generated_set(tiny_split).images, generated)
+    assert torch.equal(again.generated_set(tiny_split, zoo=feature_zoo).images, generated)
     for path in (cache_dir() / "apd").glob("generated-*.pt"):  # the set is remade from the cached MPG-Net
         path.unlink()
-    assert torch.equal(again.generated_set(tiny_split).images, generated)
+    assert torch.equal(again.generated_set(tiny_split, zoo=feature_zoo).images, generated)
     alone = APD(feature_net="tiny-synthetic-none", mpg_steps=3, include_real=False, **TINY_MPG)
-    alone.zoo = feature_zoo
-    assert len(alone.prepare_train(tiny_split)) == n
+    assert len(alone.prepare_train(tiny_split, zoo=feature_zoo)) == n
     changed = APD(feature_net="tiny-synthetic-none", mpg_steps=4, **TINY_MPG)  # another parameter, another MPG-Net
-    changed.zoo = feature_zoo
     with pytest.raises(AssertionError, match="must not be retrained"):
-        changed.generated_set(tiny_split)
+        changed.generated_set(tiny_split, zoo=feature_zoo)
 
 
 def test_an_unreachable_imagenet_feature_net_is_one_line(tiny_split, monkeypatch):
@@ -396,9 +395,8 @@ def test_an_unreachable_imagenet_feature_net_is_one_line(tiny_split, monkeypatch
 
 def test_an_unknown_feature_net_is_one_line(tiny_split, feature_zoo):
     apd = APD(feature_net="tiny-synthetic-nne", mpg_steps=1, **TINY_MPG)
-    apd.zoo = feature_zoo
     with pytest.raises(ReIDBenchError, match="unknown feature_net zoo entry .* did you mean 'tiny-synthetic-none'"):
-        apd.generated_set(tiny_split)
+        apd.generated_set(tiny_split, zoo=feature_zoo)
 
 
 def test_repository_apd_entries_name_their_datasets_baseline_or_imagenet():
@@ -511,12 +509,13 @@ def test_bad_model_heads_are_one_line_errors(spec, message):
 
 def test_apd_refuses_a_model_without_the_split_head_or_a_batch_without_its_shuffle():
     apd = DEFENSES.get("apd")()
-    x, pids = images(b=4), torch.tensor([0, 0, 1, 1])
+    pids = torch.tensor([0, 0, 1, 1])
+    batch = TrainBatch(images(b=4), pids, torch.zeros_like(pids))
     model = ReIDModel("resnet10t", num_classes=2, input_size=(32, 16))
     with pytest.raises(ReIDBenchError, match=r"model: \{head: apd-split\}"):
-        apd.training_loss(model, x, pids, Recipe())
+        apd.training_loss(model, batch, Recipe())
     with pytest.raises(ReIDBenchError, match="call it first"):
-        apd.training_loss(split_model(num_classes=2), x, pids, Recipe())
+        apd.training_loss(split_model(num_classes=2), batch, Recipe())
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

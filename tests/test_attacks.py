@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from reidbench.attack import build_attack
+from reidbench.attack import build_attack, training_batch_context
 from reidbench.errors import ReIDBenchError
 from reidbench.features import embed
 from reidbench.registry import ATTACKS
@@ -86,3 +86,18 @@ def test_every_white_box_attack_lowers_the_default_baselines_map(tmp_path):
         # query need only lower it (as in the fast test above).
         bound = 1.0 if name in UNIVERSAL else 0.7
         assert record["attacked"]["mAP"] < bound * record["clean"]["mAP"], (name, record["clean"], record["attacked"])
+
+
+def test_a_training_batch_is_its_own_gallery_with_every_other_same_identity_image_a_match():
+    model = torch.nn.Flatten()  # features: the pixels themselves
+    model.train()
+    images, pids = torch.rand(6, 3, 4, 2), torch.tensor([0, 0, 0, 1, 1, 2])
+    ctx = training_batch_context(model, images, pids, seed=0, rows=torch.tensor([1, 3, 5]))
+    assert not model.training  # eval mode for the attack; the caller restores its own
+    assert torch.equal(ctx.extra["rows"], torch.tensor([1, 3, 5])) and torch.equal(ctx.query_pids, pids[[1, 3, 5]])
+    assert torch.equal(ctx.query_feats, ctx.gallery_feats[[1, 3, 5]])
+    # Every other image of the identity is a match, the query itself is not: image 5 has none.
+    assert ctx.same_identity_mask().tolist() == [[True, False, True, False, False, False],
+                                                 [False, False, False, False, True, False],
+                                                 [False] * 6]
+    assert ctx.match_rank(ctx.query_feats).tolist()[2] == -1

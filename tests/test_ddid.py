@@ -1,5 +1,7 @@
 """DDID: the conditional DDPM, the balancing plan, the generated training set, the self-meta step."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from defenses.ddid.balance import NO_CAMERA, plan_balance, select_diverse, thumb
 from defenses.ddid.diffusion import ConditionalDDPM, ConditionalUNet, train_ddpm
 from defenses.ddid.meta import fnes_loss
 from reidbench.data import ReIDSplit, ReIDSubset, concat_subsets
-from reidbench.defense import build_defense
+from reidbench.defense import TrainBatch, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.models import ReIDModel
 from reidbench.registry import DEFENSES
@@ -183,10 +185,11 @@ def test_self_meta_step_trains_and_its_loss_falls(order):
     images = (colours.repeat_interleave(4, 0) + 0.15 * torch.rand(16, 3, 32, 16, generator=generator)).clamp(0, 1)
     pids = torch.arange(4).repeat_interleave(4)
     losses = []
+    clean = TrainBatch(images, pids, torch.zeros_like(pids))
     for _ in range(8):
-        batch = defense.training_batch(model, images, pids, generator)
+        batch = dataclasses.replace(clean, images=defense.training_batch(model, clean, generator))
         model.train()
-        loss, logs = defense.training_loss(model, batch, pids, Recipe(lr=1e-3))
+        loss, logs = defense.training_loss(model, batch, Recipe(lr=1e-3))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -198,7 +201,8 @@ def test_self_meta_step_trains_and_its_loss_falls(order):
 def test_training_loss_needs_the_meta_split_of_training_batch():
     model = ReIDModel("resnet10t", num_classes=0, input_size=(32, 16))
     with pytest.raises(ReIDBenchError, match="training_batch"):
-        build_defense("ddid").training_loss(model, torch.rand(8, 3, 32, 16), torch.arange(4).repeat(2), Recipe())
+        pids = torch.arange(4).repeat(2)
+        build_defense("ddid").training_loss(model, TrainBatch(torch.rand(8, 3, 32, 16), pids, torch.zeros_like(pids)), Recipe())
 
 
 def test_camera_conditioning_without_camera_labels_is_one_clear_line(tiny_split):
@@ -221,4 +225,5 @@ def test_unknown_meta_attack_is_one_clear_line():
 def test_meta_split_needs_four_identities():
     model = ReIDModel("resnet10t", num_classes=0, input_size=(32, 16))
     with pytest.raises(ReIDBenchError, match="at least 4 identities"):
-        DDID().training_batch(model, torch.rand(6, 3, 32, 16), torch.arange(3).repeat(2), torch.Generator())
+        pids = torch.arange(3).repeat(2)
+        DDID().training_batch(model, TrainBatch(torch.rand(6, 3, 32, 16), pids, torch.zeros_like(pids)), torch.Generator())

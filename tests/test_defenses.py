@@ -8,7 +8,7 @@ from defenses.adversarial import BatchGuidedPGD
 from defenses.jad import ProactiveTransform, augmentation_policy, channel_fusion, grayscale, sketch
 from defenses.transforms import CircuitousScaling, DifferentiableJPEG, JPEGCompression, RandomResizePad
 from reidbench.attack import AttackContext, build_attack
-from reidbench.defense import DefendedModel, build_defense
+from reidbench.defense import DefendedModel, TrainBatch, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.registry import DEFENSES
 
@@ -169,7 +169,8 @@ def test_normalized_eps_reproduces_the_reference_budget(tiny_model):
     model = tiny_model.model
     defense = build_defense({"name": "goat-sma", "eps_space": "normalized"})
     x = batch(b=8)
-    out = defense.training_batch(model, x, torch.arange(4).repeat_interleave(2), torch.Generator().manual_seed(0))
+    pids = torch.arange(4).repeat_interleave(2)
+    out = defense.training_batch(model, TrainBatch(x, pids, torch.zeros_like(pids)), torch.Generator().manual_seed(0))
     per_channel = (out - x).abs().amax(dim=(0, 2, 3))
     assert torch.allclose(per_channel, 5 / 255 * model.std.view(3), atol=1e-6)
 
@@ -180,9 +181,10 @@ def test_inner_attack_leaves_batch_norm_statistics_alone_by_default(tiny_model):
     model = copy.deepcopy(tiny_model.model)
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     x, pids = batch(b=8), torch.arange(4).repeat_interleave(2)
-    build_defense("goat").training_batch(model, x, pids, torch.Generator().manual_seed(0))
+    labelled = TrainBatch(x, pids, torch.zeros_like(pids))
+    build_defense("goat").training_batch(model, labelled, torch.Generator().manual_seed(0))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if "running" in k)
-    build_defense({"name": "goat", "bn_mode": "train"}).training_batch(model, x, pids, torch.Generator().manual_seed(0))
+    build_defense({"name": "goat", "bn_mode": "train"}).training_batch(model, labelled, torch.Generator().manual_seed(0))
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if "running_mean" in k)
 
 

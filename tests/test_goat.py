@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import defenses  # noqa: F401  (registers every defense)
-from reidbench.defense import build_defense
+from reidbench.defense import TrainBatch, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.train import Recipe
 from reidbench.train.losses import reid_terms
@@ -49,34 +49,35 @@ def fixed_batch():
     pids = torch.arange(4).repeat_interleave(4)  # a P x K batch, as the reference's identity sampler
     features = torch.randn(16, 32, generator=g, dtype=torch.float64) * 3
     logits = torch.randn(16, 4, generator=g, dtype=torch.float64)
-    return pids, features, logits
+    return TrainBatch(None, pids, torch.zeros_like(pids)), features, logits
 
 
 @pytest.mark.parametrize("name", ["goat", "goat-sma", "goat-fna"])
 def test_goat_loss_equals_the_reference_on_a_fixed_batch(name, fixed_batch):
-    pids, features, logits = fixed_batch
-    loss, logs = build_defense(name).training_loss(Fixed(logits, features), None, pids, Recipe())
+    batch, features, logits = fixed_batch
+    pids = batch.pids
+    loss, logs = build_defense(name).training_loss(Fixed(logits, features), batch, Recipe())
     assert torch.allclose(loss, reference_loss(features, pids.tolist()), rtol=1e-9, atol=1e-9)
     assert "ce" not in logs  # no classifier term
-    soft, _ = build_defense({"name": name, "soft_margin": True}).training_loss(Fixed(logits, features), None, pids, Recipe())
+    soft, _ = build_defense({"name": name, "soft_margin": True}).training_loss(Fixed(logits, features), batch, Recipe())
     assert torch.allclose(soft, reference_loss(features, pids.tolist(), soft=True), rtol=1e-9, atol=1e-9)
-    small, _ = build_defense({"name": name, "margin": 0.3}).training_loss(Fixed(logits, features), None, pids, Recipe())
+    small, _ = build_defense({"name": name, "margin": 0.3}).training_loss(Fixed(logits, features), batch, Recipe())
     assert torch.allclose(small, reference_loss(features, pids.tolist(), margin=0.3), rtol=1e-9, atol=1e-9)
 
 
 def test_the_margin_is_on_raw_features_not_normalised_ones(fixed_batch):
-    pids, features, logits = fixed_batch
+    batch, features, logits = fixed_batch
     goat = build_defense("goat")
-    raw, _ = goat.training_loss(Fixed(logits, features), None, pids, Recipe())
-    scaled, _ = goat.training_loss(Fixed(logits, 2 * features), None, pids, Recipe())
+    raw, _ = goat.training_loss(Fixed(logits, features), batch, Recipe())
+    scaled, _ = goat.training_loss(Fixed(logits, 2 * features), batch, Recipe())
     assert not torch.allclose(raw, scaled)
 
 
 def test_goat_ce_is_the_shared_cross_entropy_and_triplet_loss(fixed_batch):
-    pids, features, logits = fixed_batch
+    batch, features, logits = fixed_batch
     recipe = Recipe()
-    loss, logs = build_defense("goat-ce").training_loss(Fixed(logits, features), None, pids, recipe)
-    expected, _ = reid_terms(logits, features, pids, recipe)
+    loss, logs = build_defense("goat-ce").training_loss(Fixed(logits, features), batch, recipe)
+    expected, _ = reid_terms(logits, features, batch.pids, recipe)
     assert torch.equal(loss, expected) and "ce" in logs
     assert build_defense({"name": "goat", "loss": "ce-triplet"}).describe()["loss"] == "ce-triplet"
     assert build_defense("goat-ce").training_batch.__func__ is build_defense("goat").training_batch.__func__

@@ -12,7 +12,7 @@ from attack_setup import mean_ap, white_box_context
 from reidbench.attack import build_attack
 from reidbench.cli import main
 from reidbench.data import ReIDSplit
-from reidbench.defense import build_defense
+from reidbench.defense import TrainBatch, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.models import build_model, check_model_fits
 from reidbench.runner import Runner
@@ -109,9 +109,8 @@ def test_attacked_styles_enter_batch_norm_statistics_only_when_asked(small_clips
     def running_means(**params):
         model = tiny_video_model(num_classes=train.num_ids).train()
         defense = build_defense({"name": "sadstrm", **params})
-        defense.batch_labels = {"modality": train.modality[index]}
         if params:
-            defense.training_loss(model, images, pids, Recipe())
+            defense.training_loss(model, TrainBatch(images, pids, train.camids[index], train.modality[index]), Recipe())
         else:
             model(images)
         return torch.cat([m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
@@ -128,11 +127,11 @@ def test_sadstrm_training_lowers_its_loss(small_clips):
     recipe = Recipe.from_dict({"p": 4, "k": 4})
     index = torch.arange(16)
     images, pids = train.load(index), relabel(train.pids)[index]
-    defense.batch_labels = {"camids": train.camids[index], "modality": train.modality[index]}
+    batch = TrainBatch(images, pids, train.camids[index], train.modality[index])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(6):
-        loss, logs = defense.training_loss(model, images, pids, recipe)
+        loss, logs = defense.training_loss(model, batch, recipe)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -175,7 +174,8 @@ def test_video_defense_and_model_refuse_the_wrong_data(tiny_split, tiny_vi_split
     with pytest.raises(ReIDBenchError, match="needs visible/infrared modality labels, but dataset 'plain-video' has none"):
         defense.check_dataset(unlabelled)
     with pytest.raises(ReIDBenchError, match="modality of every training sample"):
-        defense.training_loss(tiny_video_model(2).train(), torch.rand(2, 2, 3, 32, 16), torch.tensor([0, 1]), Recipe())
+        defense.training_loss(tiny_video_model(2).train(), TrainBatch(torch.rand(2, 2, 3, 32, 16), torch.tensor([0, 1]),
+                                                                      torch.tensor([0, 1])), Recipe())
     image_model = build_model({"backbone": "resnet10t", "input_size": [32, 16]})
     with pytest.raises(ReIDBenchError, match="dataset 'synthetic-vi' is video data, but model 'm' is an image model"):
         check_model_fits(image_model, tiny_vi_split, "model 'm'")

@@ -17,6 +17,7 @@ test uses it). ``paper_scale.sh`` beside this is the GPU machine's entry point.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -86,7 +87,7 @@ def _sync(device: str) -> None:
 def probe_step_seconds(defense_spec: dict, size, p: int, k: int, num_classes: int, device: str, steps: int = 4) -> float:
     """Seconds per training step of ``defense_spec`` on a random P×K batch (after one warm-up
     step), through the defense's own batch and loss hooks, as the shared loop runs them."""
-    from reidbench.defense import build_defense
+    from reidbench.defense import TrainBatch, build_defense
     from reidbench.models import build_model
     from reidbench.train import Recipe
 
@@ -97,14 +98,14 @@ def probe_step_seconds(defense_spec: dict, size, p: int, k: int, num_classes: in
     images = torch.rand(p * k, 3, *size, device=device)
     pids = torch.arange(p, device=device).repeat_interleave(k)
     generator = torch.Generator().manual_seed(0)
-    defense.batch_labels = {"camids": torch.zeros_like(pids), "modality": None}
+    clean = TrainBatch(images, pids, torch.zeros_like(pids))
     use_amp = device.startswith("cuda")
 
     def step():
-        batch = defense.training_batch(model, images, pids, generator)
+        batch = dataclasses.replace(clean, images=defense.training_batch(model, clean, generator))
         model.train()
         with torch.autocast("cuda" if use_amp else "cpu", dtype=torch.bfloat16, enabled=use_amp):
-            loss, _ = defense.training_loss(model, batch, pids, recipe)
+            loss, _ = defense.training_loss(model, batch, recipe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

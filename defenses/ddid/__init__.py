@@ -198,7 +198,7 @@ class DDID(Defense):
         net = ConditionalUNet(num_ids, num_cameras, p["ddpm_channels"], p["ddpm_levels"], p["ddpm_blocks"])
         return ConditionalDDPM(net, p["ddpm_timesteps"], p["cond_dropout"])
 
-    def prepare_train(self, split, device: str = "cpu") -> ReIDSubset:
+    def prepare_train(self, split, device: str = "cpu", zoo=None) -> ReIDSubset:
         if not self.params["balance"]:
             return split.train
         return concat_subsets([split.train, self.generated_set(split, device)], tuple(split.image_size))
@@ -280,10 +280,11 @@ class DDID(Defense):
         return build_attack(name, eps=p["eps_255"] / 255.0, step=p["step_255"] / 255.0, iterations=p["iterations"],
                             seed=seed)
 
-    def training_batch(self, model, images, pids, generator):
+    def training_batch(self, model, batch, generator):
         # The meta split is drawn here, from the loop's generator (a resumed run draws the
         # same), and the meta-train images are attacked at the current weights; the
         # meta-test attack needs the inner-updated weights, so it runs in training_loss.
+        images, pids = batch.images, batch.pids
         plan = draw_meta_plan(pids, tuple(self.params["meta_attacks"]), self.params["meta_train_share"], generator)
         was_training = model.training
         rows = plan.train_rows
@@ -302,7 +303,8 @@ class DDID(Defense):
         return fnes_loss(feats, y, p["margin"], p["extension_margin"], p["temperature"], p["extension_weight"],
                          p["normalize"])
 
-    def training_loss(self, model, images, pids, recipe):
+    def training_loss(self, model, batch, recipe):
+        images, pids = batch.images, batch.pids
         plan, self._plan = self._plan, None
         if plan is None:
             raise ReIDBenchError("defense 'ddid': training_loss needs the meta split of training_batch; call it first")

@@ -11,9 +11,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from attacks.iterative import IterativeMetricAttack
-from reidbench.attack import AttackContext
+from reidbench.attack import training_batch_context
 from reidbench.errors import ReIDBenchError
-from reidbench.features import embed
 from reidbench.registry import ATTACKS
 from reidbench.train.losses import batch_hard_triplet
 
@@ -66,17 +65,10 @@ def _usable(cls) -> bool:
 
 
 def attack_batch(model: nn.Module, attack, images: torch.Tensor, pids: torch.Tensor, seed: int) -> torch.Tensor:
-    """Adversarial versions of a training batch: the batch is its own gallery, and each image
-    its own camera (a training batch carries no camera ids), so an attack's cross-camera
-    same-identity guides are the other same-identity images of the batch. Frozen batch-norm
-    statistics (eval mode); the caller restores the mode."""
-    model.eval()
-    with torch.no_grad():
-        feats = embed(model, images)
-    own_camera = torch.arange(len(images), device=pids.device)
-    ctx = AttackContext(query_pids=pids, query_camids=own_camera, query_feats=feats, gallery_feats=feats,
-                        gallery_pids=pids, gallery_camids=own_camera, generator=torch.Generator().manual_seed(seed))
-    return attack(model, images, ctx)
+    """Adversarial versions of (part of) a training batch, which is its own gallery (see
+    ``training_batch_context``: an attack's cross-camera same-identity guides are the other
+    same-identity images). The model is left in eval mode; the caller restores its mode."""
+    return attack(model, images, training_batch_context(model, images, pids, seed))
 
 
 class AtWeights(nn.Module):

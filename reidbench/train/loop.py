@@ -146,7 +146,7 @@ def train_model(
     After every epoch ``last.safetensors`` + ``last_state.pt`` are written atomically; a
     rerun with the same recipe and ``run_key`` resumes after the last finished epoch.
     """
-    from ..defense import Defense
+    from ..defense import Defense, TrainBatch
 
     defense = defense or Defense()
     workdir = Path(workdir)
@@ -207,13 +207,13 @@ def train_model(
                     images = random_flip(images, generator)
                 images = random_pad_crop(images, recipe.pad, generator)
                 images = random_erasing(images, recipe.random_erasing, generator)
-                images, pids = images.to(device, non_blocking=True), labels[index].to(device)
-                defense.batch_labels = {"camids": train.camids[index].to(device),
-                                        "modality": None if train.modality is None else train.modality[index].to(device)}
-                images = defense.training_batch(model, images, pids, generator)
+                batch = TrainBatch(images.to(device, non_blocking=True), labels[index].to(device),
+                                   train.camids[index].to(device),
+                                   None if train.modality is None else train.modality[index].to(device))
+                batch = dataclasses.replace(batch, images=defense.training_batch(model, batch, generator))
                 model.train()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss, logs = defense.training_loss(model, images, pids, recipe)
+                    loss, logs = defense.training_loss(model, batch, recipe)
                 if not torch.isfinite(loss):
                     raise ReIDBenchError(f"training diverged at epoch {epoch} (loss {float(loss)}); lower the learning rate")
                 optimizer.zero_grad(set_to_none=True)
