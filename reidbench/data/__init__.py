@@ -47,5 +47,5 @@ def training_options(dataset: dict) -> dict:
 
 
 # Importing the modules registers their builders.
-from . import market, synthetic  # noqa: E402,F401
+from . import market, msmt17, synthetic  # noqa: E402,F401
 from . import crossmodal, synthetic_vi  # noqa: E402,F401
