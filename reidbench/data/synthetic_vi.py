@@ -55,7 +55,8 @@ from ..errors import ReIDBenchError
 from ..registry import DATASETS
 from . import synthetic
 from .split import INFRARED, VISIBLE, ReIDSplit, ReIDSubset, TrackletSubset
-from .synthetic import SIDE, Camera, Identity, Nuisance, SyntheticConfig
+from .synthetic import SyntheticConfig
+from .synthetic_render import SIDE, Camera, Identity, Nuisance, render
 
 __all__ = ["VI_GENERATOR_VERSION", "VI_PRESETS", "SyntheticVIConfig", "ThermalSignature", "build_synthetic_vi",
            "generate_vi", "sample_thermal", "thermal_identity", "infrared_camera", "tracklet_nuisances",
@@ -191,7 +192,7 @@ def tracklet_nuisances(rng: np.random.Generator, cfg: SyntheticVIConfig, camera:
 
 def render_frame(person: Identity, camera: Camera, nuisance: Nuisance, size: tuple[int, int], infrared: bool) -> np.ndarray:
     """uint8 (H, W, 3); an infrared frame has its one intensity channel replicated."""
-    image = synthetic.render(person, camera, nuisance, size)
+    image = render(person, camera, nuisance, size)
     return np.repeat(image[..., :1], 3, axis=2) if infrared else image
 
 
