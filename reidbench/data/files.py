@@ -11,10 +11,21 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..cache import cache_dir
 from ..errors import ReIDBenchError
 from .split import ReIDSplit, ReIDSubset, read_image, resize_uint8
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def data_roots() -> list[Path]:
+    """Folders searched for real datasets, in order: $REIDBENCH_DATA, ./data, ../shared/data."""
+    roots = []
+    if os.environ.get("REIDBENCH_DATA"):
+        roots.append(Path(os.environ["REIDBENCH_DATA"]).expanduser())
+    roots += [Path.cwd() / "data", Path.cwd().parent / "shared" / "data"]
+    return roots
+
 
 # The commonly used ReID input size; the datasets whose crops vary in size are resized to it
 # when materialized unless the caller asks for another size.
@@ -45,8 +56,6 @@ def find_dataset(
     dataset folder or at the folder that holds it), then ``root/<under_root>``; otherwise
     ``data_roots()/<name>``.
     """
-    from . import data_roots  # looked up at call time so $REIDBENCH_DATA changes are seen
-
     if root is not None:
         root = Path(root).expanduser()
         candidates = [root] + [root / n for n in (*names, *under_root)]
@@ -114,8 +123,6 @@ def _decode_into(paths: Sequence[str], size: tuple[int, int], description: str) 
 
 
 def _cache_file(dataset: str, split_hash: str, size: tuple[int, int]) -> Path:
-    from . import cache_dir
-
     return cache_dir() / "decoded" / f"{dataset}-{split_hash}-{size[0]}x{size[1]}.pt"
 
 

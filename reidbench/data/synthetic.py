@@ -41,6 +41,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
+from ..cache import cache_dir
 from ..errors import ReIDBenchError, unknown_name
 from ..registry import DATASETS
 from .split import ReIDSplit, ReIDSubset
@@ -395,8 +396,6 @@ def build_synthetic(root: Optional[str | Path] = None, preset: str = "small", se
                     **overrides) -> ReIDSplit:
     """The procedural pedestrian dataset. ``root`` replaces the cache folder; ``overrides`` set
     any :class:`SyntheticConfig` field on top of the preset."""
-    from . import cache_dir
-
     cfg = preset_config("synthetic", PRESETS, preset, overrides)
     seed = int(seed)
     digest = _config_digest(cfg, seed)

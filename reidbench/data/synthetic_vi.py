@@ -51,6 +51,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..cache import cache_dir
 from ..errors import ReIDBenchError
 from ..registry import DATASETS
 from . import synthetic
@@ -255,8 +256,6 @@ def build_synthetic_vi(root: Optional[str | Path] = None, preset: str = "small",
     """Visible-infrared video pedestrians (procedural): infrared-to-visible tracklet queries.
     ``seq_len`` frames per tracklet (default: all ``frames``); ``overrides`` set any
     :class:`SyntheticVIConfig` field on top of the preset."""
-    from . import cache_dir
-
     cfg = synthetic.preset_config("synthetic-vi", VI_PRESETS, preset, overrides)
     seed = int(seed)
     seq_len = cfg.frames if seq_len is None else int(seq_len)
