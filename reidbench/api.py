@@ -126,7 +126,7 @@ def onnx_entry(path: Union[str, Path], dataset: dict, input_size, mean=None, std
     """A zoo entry for an ONNX file (what ``weights: {onnx: ...}`` in a zoo file gives); mean and
     std are in the graph's channel order and value range, as in the zoo."""
     from .cache import sha256_file
-    from .zoo import ZooEntry
+    from .zoo.schema import ZooEntry
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
@@ -167,7 +167,7 @@ def benchmark(model: Union[nn.Module, str, Path], dataset: Optional[DatasetSpec]
     """
     from .protocol import load_protocol
     from .runner import Runner, check_attack_names
-    from .zoo import ZooEntry, get_entry, load_zoo
+    from .zoo.schema import ZooEntry, get_entry, load_zoo
 
     protocol = load_protocol()
     zoo_entries = dict(load_zoo(zoo))

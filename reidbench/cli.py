@@ -12,13 +12,13 @@ ZOO_HELP = "model zoo file (default: ./model_zoo.yaml if present, else the one s
 
 
 def _zoo(args):
-    from .zoo import load_zoo
+    from .zoo.schema import load_zoo
 
     return load_zoo(args.zoo)
 
 
 def _entries(args, zoo):
-    from .zoo import get_entry
+    from .zoo.schema import get_entry
 
     if args.model:
         return [get_entry(zoo, m) for m in args.model]
@@ -120,7 +120,8 @@ def cmd_train(args) -> int:
     from .data import build_dataset
     from .hardware import resolve_device
     from .progress import log
-    from .zoo import ZooEntry, get_entry, train_entry, training_entry
+    from .zoo.schema import ZooEntry, get_entry, training_entry
+    from .zoo.training import train_entry
 
     zoo = _zoo(args)
     if args.model:
@@ -160,7 +161,7 @@ def cmd_eval(args) -> int:
     from .progress import console
     from .runner import rank_metrics
     from .metrics import k_reciprocal_rerank, pairwise_distance
-    from .zoo import get_entry
+    from .zoo.schema import get_entry
 
     zoo = _zoo(args)
     entry = get_entry(zoo, args.model)
@@ -212,7 +213,8 @@ def cmd_zoo_list(args) -> int:
 def cmd_zoo_pull(args) -> int:
     from .hardware import resolve_device
     from .cache import sha256_file
-    from .zoo import get_entry, obtain_weights
+    from .zoo.schema import get_entry
+    from .zoo.training import obtain_weights
 
     zoo = _zoo(args)
     entry = get_entry(zoo, args.model)
@@ -224,7 +226,7 @@ def cmd_zoo_pull(args) -> int:
 
 def cmd_zoo_push(args) -> int:
     from .hub import push
-    from .zoo import get_entry
+    from .zoo.schema import get_entry
 
     zoo = _zoo(args)
     result = push(get_entry(zoo, args.model), zoo, args.repo, Path(args.results), private=args.private)
@@ -295,7 +297,8 @@ def cmd_cache_clean(args) -> int:
 
     root = cache_dir()
     if args.model:
-        from .zoo import get_entry, trained_weights_dir
+        from .zoo.schema import get_entry
+        from .zoo.weights import trained_weights_dir
 
         zoo = _zoo(args)
         targets = []

@@ -70,7 +70,7 @@ class RunSpec:
     def runner(self, zoo: Optional[dict] = None):
         from .protocol import load_protocol
         from .runner import Runner
-        from .zoo import load_zoo
+        from .zoo.schema import load_zoo
 
         return Runner(zoo if zoo is not None else load_zoo(self.zoo), results_root=Path(self.results),
                       protocol=load_protocol(self.protocol) if self.protocol else None,
@@ -92,7 +92,7 @@ class LocalExecutor:
 def training_dependencies(zoo: dict, model_id: str) -> list[str]:
     """The zoo ids whose trained weights ``model_id``'s training starts from or reads: its
     ``init.from`` base and the entries its defense names (APD's frozen feature network)."""
-    from .zoo import get_entry
+    from .zoo.schema import get_entry
 
     entry = get_entry(zoo, model_id)
     deps = [entry.init["from"]] if entry.init else []
@@ -262,7 +262,7 @@ def models_needed(zoo: dict, entry_ids: list[str], attacks: list[str], protocol,
     the entry whose recipe trains its weights and, when an attack needs one, the surrogate of
     the dataset the cells run on (``dataset``, or the entry's own)."""
     from .attack import build_attack
-    from .zoo import get_entry, training_entry
+    from .zoo.schema import get_entry, training_entry
 
     surrogate_attacks = [name for name in attacks if "surrogate" in build_attack(
         name, eps=protocol.eps, step=protocol.step, iterations=protocol.iterations).needs]
@@ -284,7 +284,7 @@ def _plan(spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]], eps
     names checked, so a typo fails before any work) and the models each entry's cells need."""
     from .protocol import load_protocol
     from .runner import check_attack_names
-    from .zoo import load_zoo
+    from .zoo.schema import load_zoo
 
     zoo = zoo if zoo is not None else load_zoo(spec.zoo)
     protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()

@@ -1,6 +1,6 @@
 """The model zoo on the Hugging Face Hub: where each entry's weights are, and publishing them.
 
-``reidbench zoo pull`` is :func:`reidbench.zoo.obtain_weights` (hub download into the hub's
+``reidbench zoo pull`` is :func:`reidbench.zoo.training.obtain_weights` (hub download into the hub's
 own cache, sha256 checked before anything is loaded). This module adds what a listing and an
 upload need: a one-word account of each entry's weights, whether they are on this machine
 now (without touching the network), and :func:`push`, which uploads an entry's weights as
@@ -22,8 +22,8 @@ import yaml
 from . import __version__
 from .errors import ReIDBenchError, first_line
 from .cache import sha256_file
-from .zoo import (ZooEntry, existing_weights, local_weights_path, read_state_dict, training_entry,
-                  trained_weights_file)
+from .zoo.schema import ZooEntry, training_entry
+from .zoo.weights import existing_weights, local_weights_path, read_state_dict, trained_weights_file
 
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"

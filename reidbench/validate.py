@@ -215,7 +215,8 @@ def validate_entry(entry_id: str, zoo: dict, results_root: Path, tolerance: floa
                    device: str = "auto", protocol: Optional[Protocol] = None) -> Verdict:
     from .data.split import ReIDSplit
     from .runner import ModelBundle, Runner, attack_id
-    from .zoo import existing_weights, get_entry, training_entry
+    from .zoo.schema import get_entry, training_entry
+    from .zoo.weights import existing_weights
 
     entry = get_entry(zoo, entry_id)
     verdict = Verdict(entry.id, tolerance)
@@ -313,7 +314,7 @@ def submitted_entries(base_ref: str, zoo_path: Optional[str | Path] = None, resu
     whose files under ``results`` changed (the folder name of a cell is its entry id)."""
     import tempfile
 
-    from .zoo import default_zoo_path, load_zoo
+    from .zoo.schema import default_zoo_path, load_zoo
 
     zoo_path = Path(zoo_path or default_zoo_path()).resolve()
     top = Path(_git("rev-parse", "--show-toplevel", cwd=zoo_path.parent).strip())

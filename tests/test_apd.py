@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import defenses  # noqa: F401  (registers every defense and model head)
-from defenses.apd import (APD, FrozenFeatures, MetricPerturbationGenerator, SemanticPurificationModel, content_loss,
-                          discriminator_loss, draw_negatives, generator_adversarial_loss, idempotence_loss,
-                          metric_perturbation_loss, reversed_triplet, running_stats_frozen, shuffle_partners,
-                          train_mpg)
+from defenses.apd import APD
+from defenses.apd.mpg import (FrozenFeatures, MetricPerturbationGenerator, content_loss, discriminator_loss,
+                              draw_negatives, generator_adversarial_loss, idempotence_loss, metric_perturbation_loss,
+                              train_mpg)
+from defenses.apd.spnet import SemanticPurificationModel, reversed_triplet, running_stats_frozen, shuffle_partners
 from reidbench.defense import TrainBatch, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.models import ReIDModel, build_model
@@ -108,7 +109,7 @@ def test_frozen_features_pass_gradients_to_images_but_not_to_their_weights():
 def test_a_few_mpg_steps_lower_its_objective(tiny_split):
     import copy
 
-    from defenses.apd import mpg_losses
+    from defenses.apd.mpg import mpg_losses
 
     torch.manual_seed(0)
     features = FrozenFeatures(ReIDModel("resnet10t", input_size=(32, 16)), 4, 2)

@@ -13,6 +13,7 @@ from huggingface_hub import constants
 from safetensors.torch import load_file
 
 import reidbench.zoo as zoo_module
+from reidbench.cache import sha256_file
 from reidbench.cli import main
 from reidbench.models import build_model
 from reidbench.zoo import load_weights, load_zoo
@@ -119,7 +120,7 @@ def fake_trainer(calls):
 
 def test_train_missing_falls_back_to_training_when_the_hub_is_unreachable(tmp_path, hub_cache, capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr(zoo_module, "train_entry", fake_trainer(calls))
+    monkeypatch.setattr(zoo_module.training, "train_entry", fake_trainer(calls))
     zoo = hub_zoo(tmp_path, "ab" * 32)
     code, out, err = run_cli(capsys, "zoo", "pull", "m1", "--zoo", zoo, "--train-missing")
     assert code == 0, err
@@ -134,7 +135,7 @@ def test_train_missing_falls_back_to_training_when_the_hub_is_unreachable(tmp_pa
     with pytest.raises(zoo_module.HubUnreachable):
         Runner(entries, tmp_path / "results", device="cpu", progress=False).bundle(entries["m1"])
     bundle = Runner(entries, tmp_path / "results", device="cpu", progress=False, train_if_unreachable=True).bundle(entries["m1"])
-    assert bundle.weights_sha256 == zoo_module.sha256_file(zoo_module.trained_weights_file(entries["m1"]))
+    assert bundle.weights_sha256 == sha256_file(zoo_module.trained_weights_file(entries["m1"]))
     assert_one_line_error(*run_cli(capsys, "run", "--model", "m1", "--zoo", zoo, "--no-train", "--train-missing")[::2],
                           "contradict")
 

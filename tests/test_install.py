@@ -61,7 +61,8 @@ def test_the_wheel_carries_zoo_protocol_and_templates(installed):
     for name in ("reidbench/bundled/model_zoo.yaml", "reidbench/protocols/v1.yaml", "reidbench/protocols/v2.yaml",
                  "reidbench/leaderboard/templates/index.html.j2", "reidbench/leaderboard/templates/_table.html.j2",
                  "reidbench/leaderboard/static/site.css", "reidbench/leaderboard/static/site.js",
-                 "attacks/dmr.py", "defenses/apd.py"):
+                 "attacks/dmr.py", "defenses/apd/__init__.py", "defenses/apd/mpg.py",
+                 "reidbench/zoo/__init__.py"):
         assert name in names, name
     assert (REPO / "model_zoo.yaml").read_bytes() == zipfile.ZipFile(wheel).read("reidbench/bundled/model_zoo.yaml")
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from reidbench.data import build_dataset, market
-from reidbench.data.market import load_market_folder, load_msmt17_list, parse_market_name
+from reidbench.data import build_dataset, files
+from reidbench.data.market import load_market_folder, parse_market_name
+from reidbench.data.msmt17 import load_msmt17_list
 from reidbench.errors import ReIDBenchError
 
 H, W = 16, 8
@@ -384,7 +385,7 @@ def test_trainsplit_materialized_cache_round_trip(tmp_path, monkeypatch):
     def no_decoding(path):
         raise AssertionError(f"decoded {path} although the cache holds it")
 
-    monkeypatch.setattr(market, "read_image", no_decoding)
+    monkeypatch.setattr(files, "read_image", no_decoding)
     second = build_dataset("market1501-trainsplit", root=tmp_path / "data", num_train_ids=8)
     assert second.split_hash == first.split_hash
     for part in ("train", "query", "gallery"):

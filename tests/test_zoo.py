@@ -147,12 +147,12 @@ BORROWING = GOOD + """
 
 
 def test_inference_only_defenses_borrow_the_baselines_weights(tmp_path, monkeypatch):
-    import reidbench.zoo as zoo_module
+    from reidbench.zoo import training
 
     zoo = load_zoo(write(tmp_path, BORROWING))
     trained = []
-    monkeypatch.setattr(zoo_module, "train_entry", lambda entry, *a, **k: trained.append(entry.id) or tmp_path / "w")
-    assert zoo_module.obtain_weights(zoo["m1-cs"], split=None, zoo=zoo) == tmp_path / "w"
+    monkeypatch.setattr(training, "train_entry", lambda entry, *a, **k: trained.append(entry.id) or tmp_path / "w")
+    assert training.obtain_weights(zoo["m1-cs"], split=None, zoo=zoo) == tmp_path / "w"
     assert trained == ["m1"]
 
 

@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 from ..cache import cache_dir
 from ..registry import DATASETS
+from .files import data_roots
 from .split import (DIRECTIONS, MODALITIES, ReIDSplit, ReIDSubset, TrackletSubset, concat_subsets,
                     cross_modality_direction, read_image, resize_uint8)
 
@@ -19,15 +19,6 @@ __all__ = ["DATASETS", "ReIDSplit", "ReIDSubset", "TrackletSubset", "MODALITIES"
 
 #: dataset options that change only how the test samples are queried, never the training data
 EVALUATION_ONLY_OPTIONS = ("direction",)
-
-
-def data_roots() -> list[Path]:
-    """Folders searched for real datasets, in order: $REIDBENCH_DATA, ./data, ../shared/data."""
-    roots = []
-    if os.environ.get("REIDBENCH_DATA"):
-        roots.append(Path(os.environ["REIDBENCH_DATA"]).expanduser())
-    roots += [Path.cwd() / "data", Path.cwd().parent / "shared" / "data"]
-    return roots
 
 
 def build_dataset(name: str, root: Optional[str | Path] = None, direction: Optional[str] = None,
@@ -47,5 +38,5 @@ def training_options(dataset: dict) -> dict:
 
 
 # Importing the modules registers their builders.
-from . import market, synthetic  # noqa: E402,F401
+from . import market, msmt17, synthetic  # noqa: E402,F401
 from . import crossmodal, synthetic_vi  # noqa: E402,F401

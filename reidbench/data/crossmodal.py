@@ -53,7 +53,7 @@ import torch
 
 from ..errors import ReIDBenchError, unknown_name
 from ..registry import DATASETS
-from .market import DEFAULT_VARIABLE_SIZE, _find_dataset, _image_files, _parse_size, materialize_split
+from .files import DEFAULT_VARIABLE_SIZE, find_dataset, image_files, materialize_split, parse_size
 from .split import INFRARED, VISIBLE, ReIDSplit, ReIDSubset, TrackletSubset
 
 __all__ = ["vcm_frame_path", "build_hitsz_vcm", "build_sysu_mm01", "build_regdb"]
@@ -132,7 +132,7 @@ def _vcm_subset(base: Path, folder: str, names_file: str, tracks: list[list[int]
 def build_hitsz_vcm(root=None, image_size=None, seq_len: int = 6, min_seq_len: int = 12, **_) -> ReIDSplit:
     """HITSZ-VCM (Lin et al., CVPR 2022): visible-infrared video, 927 identities (500 train),
     12 dual-mode cameras; infrared-to-visible tracklet queries of ``seq_len`` frames."""
-    base = _find_dataset("hitsz-vcm", ("HITSZ-VCM", "VCM-HITSZ", "hitsz-vcm", "VCM"), root, VCM_INFO + ("Train", "Test"))
+    base = find_dataset("hitsz-vcm", ("HITSZ-VCM", "VCM-HITSZ", "hitsz-vcm", "VCM"), root, VCM_INFO + ("Train", "Test"))
     seq_len, min_seq_len = int(seq_len), int(min_seq_len)
     if seq_len < 1 or min_seq_len < 1:
         raise ReIDBenchError(f"hitsz-vcm: seq_len and min_seq_len must be >= 1, got {seq_len}, {min_seq_len}")
@@ -149,7 +149,7 @@ def build_hitsz_vcm(root=None, image_size=None, seq_len: int = 6, min_seq_len: i
     offset = len(train_tracks)
     query = _vcm_subset(base, "Test", "info/test_name.txt", query, seq_len, min_seq_len, offset)
     gallery = _vcm_subset(base, "Test", "info/test_name.txt", gallery, seq_len, min_seq_len, offset + len(test_tracks))
-    size = _parse_size(image_size, DEFAULT_VARIABLE_SIZE)
+    size = parse_size(image_size, DEFAULT_VARIABLE_SIZE)
     split = ReIDSplit("hitsz-vcm", train, query, gallery, image_size=size)
     split.info = _cross_modality_info(base, train, query, gallery, kind="video", seq_len=seq_len,
                                       min_seq_len=min_seq_len)
@@ -175,7 +175,7 @@ def _sysu_images(base: Path, ids: Sequence[int], cameras: Sequence[int]) -> dict
         for pid in ids:
             folder = base / f"cam{cam}" / f"{pid:04d}"
             if folder.is_dir():
-                names = _image_files(folder)
+                names = image_files(folder)
                 if names:
                     out[pid, cam] = [str(folder / n) for n in names]
     return out
@@ -202,7 +202,7 @@ def build_sysu_mm01(root=None, image_size=None, mode: str = "all", trial: int = 
     if int(gallery_shots) < 1:
         raise ReIDBenchError(f"sysu-mm01: gallery_shots must be >= 1, got {gallery_shots}")
     required = ("exp/train_id.txt", "exp/val_id.txt", "exp/test_id.txt") + tuple(f"cam{c}" for c in SYSU_CAMERAS)
-    base = _find_dataset("sysu-mm01", ("SYSU-MM01", "sysu-mm01", "SYSU_MM01"), root, required)
+    base = find_dataset("sysu-mm01", ("SYSU-MM01", "sysu-mm01", "SYSU_MM01"), root, required)
     train_ids = _sysu_ids(base / "exp/train_id.txt") + (_sysu_ids(base / "exp/val_id.txt") if train_with_val else [])
     test_ids = _sysu_ids(base / "exp/test_id.txt")
 
@@ -220,7 +220,7 @@ def build_sysu_mm01(root=None, image_size=None, mode: str = "all", trial: int = 
     for name, subset in (("training", train), ("infrared query", query), ("visible gallery", gallery)):
         if len(subset) == 0:
             raise ReIDBenchError(f"sysu-mm01 at {base}: no {name} images under cam*/<pid:04d>/ for the listed ids")
-    size = _parse_size(image_size, DEFAULT_VARIABLE_SIZE)
+    size = parse_size(image_size, DEFAULT_VARIABLE_SIZE)
     split = ReIDSplit("sysu-mm01", train, query, gallery, image_size=size)
     split.info = _cross_modality_info(base, train, query, gallery, kind="image", mode=mode, trial=int(trial),
                                       gallery_shots=shots, same_room_filter=bool(same_room_filter))
@@ -259,11 +259,11 @@ def build_regdb(root=None, image_size=None, trial: int = 1, materialize: bool = 
         raise ReIDBenchError(f"regdb: trial must be 1..10, got {trial}")
     lists = {(part, modality): f"idx/{part}_{modality}_{trial}.txt"
              for part in ("train", "test") for modality in ("visible", "thermal")}
-    base = _find_dataset("regdb", ("RegDB", "regdb"), root, tuple(lists.values()))
+    base = find_dataset("regdb", ("RegDB", "regdb"), root, tuple(lists.values()))
     subsets = {key: _regdb_list(base, name, INFRARED if key[1] == "thermal" else VISIBLE) for key, name in lists.items()}
     train = _concat(subsets["train", "visible"], subsets["train", "thermal"])
     query, gallery = subsets["test", "thermal"], subsets["test", "visible"]
-    size = _parse_size(image_size, DEFAULT_VARIABLE_SIZE)
+    size = parse_size(image_size, DEFAULT_VARIABLE_SIZE)
     split = ReIDSplit("regdb", train, query, gallery, image_size=size)
     split.info = _cross_modality_info(base, train, query, gallery, kind="image", trial=trial)
     return materialize_split(split, f"regdb-trial{trial}", size) if materialize else split

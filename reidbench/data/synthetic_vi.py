@@ -51,11 +51,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..cache import cache_dir
 from ..errors import ReIDBenchError
 from ..registry import DATASETS
 from . import synthetic
 from .split import INFRARED, VISIBLE, ReIDSplit, ReIDSubset, TrackletSubset
-from .synthetic import SIDE, Camera, Identity, Nuisance, SyntheticConfig
+from .synthetic import SyntheticConfig
+from .synthetic_render import SIDE, Camera, Identity, Nuisance, render
 
 __all__ = ["VI_GENERATOR_VERSION", "VI_PRESETS", "SyntheticVIConfig", "ThermalSignature", "build_synthetic_vi",
            "generate_vi", "sample_thermal", "thermal_identity", "infrared_camera", "tracklet_nuisances",
@@ -191,7 +193,7 @@ def tracklet_nuisances(rng: np.random.Generator, cfg: SyntheticVIConfig, camera:
 
 def render_frame(person: Identity, camera: Camera, nuisance: Nuisance, size: tuple[int, int], infrared: bool) -> np.ndarray:
     """uint8 (H, W, 3); an infrared frame has its one intensity channel replicated."""
-    image = synthetic.render(person, camera, nuisance, size)
+    image = render(person, camera, nuisance, size)
     return np.repeat(image[..., :1], 3, axis=2) if infrared else image
 
 
@@ -254,8 +256,6 @@ def build_synthetic_vi(root: Optional[str | Path] = None, preset: str = "small",
     """Visible-infrared video pedestrians (procedural): infrared-to-visible tracklet queries.
     ``seq_len`` frames per tracklet (default: all ``frames``); ``overrides`` set any
     :class:`SyntheticVIConfig` field on top of the preset."""
-    from . import cache_dir
-
     cfg = synthetic.preset_config("synthetic-vi", VI_PRESETS, preset, overrides)
     seed = int(seed)
     seq_len = cfg.frames if seq_len is None else int(seq_len)

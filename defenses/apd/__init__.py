@@ -16,7 +16,7 @@ the trained MPG-Net and the generated set are cached under ``cache_dir()/apd``, 
 split hash, the feature network's weights and every parameter that decides them); stage 2 is
 :meth:`APD.training_loss` in the one shared training loop.
 
-**Stage 1, MPG-Net** (:class:`MetricPerturbationGenerator`, :func:`train_mpg`), a GAN.
+**Stage 1, MPG-Net** (:mod:`.mpg`), a GAN.
 
 * [paper] For each sample x_i, M negatives x_ij of other identities drawn at random.
   [ours] M = ``negatives``, drawn uniformly from the whole training set.
@@ -58,7 +58,7 @@ split hash, the feature network's weights and every parameter that decides them)
   width 16, 500 steps of 16 anchors: about 0.45 s a step on one core at 64×32 with a
   ResNet-18 feature net, so stage 1 takes about 4 minutes); the GPU zoo entry is larger.
 
-**Stage 2, SP-Net** (:class:`SemanticPurificationModel`, ``model: {head: apd-split}``).
+**Stage 2, SP-Net** (:mod:`.spnet`, ``model: {head: apd-split}``).
 
 * [paper] A ViT / TransReID baseline trained with cross-entropy and a soft-margin triplet
   softplus(d_ap − d_an). [ours] The zoo's timm ResNet backbone at CPU scale, with the
@@ -96,14 +96,11 @@ split hash, the feature network's weights and every parameter that decides them)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from typing import Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from reidbench.data import cache_dir, concat_subsets
@@ -111,11 +108,14 @@ from reidbench.data.split import ReIDSubset
 from reidbench.defense import Defense
 from reidbench.errors import ReIDBenchError
 from reidbench.models.reid_model import ReIDModel
-from reidbench.progress import log, progress_bar
-from reidbench.registry import DEFENSES, MODEL_HEADS
+from reidbench.progress import log
+from reidbench.registry import DEFENSES
 from reidbench.train.losses import cross_entropy_label_smoothing, reid_terms
 from reidbench.cache import fingerprint as _fingerprint, load_verified
 from reidbench.cache import save_safetensors as _atomic_safetensors, save_torch as _atomic_torch_save
+
+from .mpg import FrozenFeatures, MetricPerturbationGenerator, PatchDiscriminator, train_mpg
+from .spnet import SemanticPurificationModel, reversed_triplet, running_stats_frozen, shuffle_partners
 
 #: bump when stage 1 changes what a cached MPG-Net or generated set would hold
 MPG_VERSION = 1
@@ -123,316 +123,6 @@ IMAGENET = "imagenet"
 _MPG_KEYS = ("metric_stage", "content_stage", "negatives", "gen_width", "gen_blocks", "disc_width", "eps_255",
              "mpg_steps", "mpg_batch", "mpg_lr", "mp_weight", "idem_weight", "content_weight", "seed")
 NK_NEGATIVES = ("hardest", "partner")
-MSP_MAPS = ("element", "spatial")
-
-
-# --- stage 1: the MPG-Net losses -----------------------------------------------------------
-def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """L_G = −½·E[log D(G(x))], from the discriminator's logits on generated images."""
-    return 0.5 * F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
-
-
-def discriminator_loss(fake_logits: torch.Tensor, negative_logits: torch.Tensor) -> torch.Tensor:
-    """L_D = −½·E[log(1 − D(G(x_i)))] − ½·E[log D(x_ij)]: the negatives are the real class."""
-    return 0.5 * (F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-                  + F.binary_cross_entropy_with_logits(negative_logits, torch.ones_like(negative_logits)))
-
-
-def metric_perturbation_loss(generated: torch.Tensor, source: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """L_MP = softplus(d(ψ(G(x_i)), ψ(x_ij)) − d(ψ(G(x_i)), ψ(x_i))), averaged over the batch
-    and the M negatives: (B, D) generated and source features, (B, M, D) negatives'."""
-    to_negatives = (generated.unsqueeze(1) - negatives).norm(dim=-1)
-    to_source = (generated - source).norm(dim=-1, keepdim=True)
-    return F.softplus(to_negatives - to_source).mean()
-
-
-def content_loss(generated_map: torch.Tensor, source_map: torch.Tensor) -> torch.Tensor:
-    """L_C = ‖φ(G(x)) − φ(x)‖₁ (mean absolute difference)."""
-    return (generated_map - source_map).abs().mean()
-
-
-def idempotence_loss(twice: torch.Tensor, once: torch.Tensor) -> torch.Tensor:
-    """L_S = ‖G(G(x)) − G(x)‖₁ (mean absolute difference): zero for an idempotent G."""
-    return (twice - once).abs().mean()
-
-
-def draw_negatives(pids: torch.Tensor, anchors: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, m) indices of training images whose identity differs from each anchor's, uniform."""
-    index = torch.randint(0, len(pids), (len(anchors), m), generator=generator)
-    own = pids[anchors].unsqueeze(1)
-    clash = pids[index] == own
-    while clash.any():
-        index[clash] = torch.randint(0, len(pids), (int(clash.sum()),), generator=generator)
-        clash = pids[index] == own
-    return index
-
-
-# --- stage 1: the networks -----------------------------------------------------------------
-class _ResidualBlock(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1), nn.InstanceNorm2d(channels, affine=True), nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, padding=1), nn.InstanceNorm2d(channels, affine=True))
-
-    def forward(self, x):
-        return x + self.body(x)
-
-
-class MetricPerturbationGenerator(nn.Module):
-    """MPG-Net's G: image in [0, 1] -> hard matching sample in [0, 1] (module docstring)."""
-
-    def __init__(self, width: int = 16, blocks: int = 2, eps: Optional[float] = None):
-        super().__init__()
-        w = int(width)
-        self.eps = None if eps is None else float(eps)
-
-        def conv(cin, cout, kernel, stride=1):
-            return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2), nn.InstanceNorm2d(cout, affine=True),
-                    nn.ReLU(inplace=True)]
-
-        self.encoder = nn.Sequential(*conv(3, w, 7), *conv(w, 2 * w, 3, 2), *conv(2 * w, 4 * w, 3, 2))
-        self.latent = nn.Sequential(*[_ResidualBlock(4 * w) for _ in range(int(blocks))])
-        self.up1 = nn.Sequential(*conv(4 * w, 2 * w, 3))
-        self.up2 = nn.Sequential(*conv(2 * w, w, 3))
-        self.out = nn.Conv2d(w, 3, 7, padding=3)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        z = self.latent(self.encoder(x))
-        y = self.up1(F.interpolate(z, size=((h + 1) // 2, (w + 1) // 2), mode="nearest"))
-        residual = self.out(self.up2(F.interpolate(y, size=(h, w), mode="nearest")))
-        if self.eps is not None:
-            residual = self.eps * torch.tanh(residual / self.eps)
-        return (x + residual).clamp(0.0, 1.0)
-
-
-class PatchDiscriminator(nn.Module):
-    """MPG-Net's D: per-patch logits of "an image of another identity" (PatchGAN)."""
-
-    def __init__(self, width: int = 16):
-        super().__init__()
-        w = int(width)
-        self.net = nn.Sequential(
-            nn.Conv2d(3, w, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.InstanceNorm2d(2 * w, affine=True), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(2 * w, 4 * w, 3, 1, 1), nn.InstanceNorm2d(4 * w, affine=True), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(4 * w, 1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x * 2 - 1)
-
-
-class FrozenFeatures(nn.Module):
-    """ψ and φ: a frozen ReIDModel's backbone read at two stages. ``forward`` returns the
-    average-pooled ``metric_stage`` features (B, D) and the ``content_stage`` map."""
-
-    def __init__(self, model: ReIDModel, metric_stage: int, content_stage: int, resize: bool = True):
-        super().__init__()
-        if not hasattr(model.backbone, "forward_intermediates"):
-            raise ReIDBenchError(f"defense 'apd': feature_net backbone '{model.config['backbone']}' "
-                                 "cannot return intermediate stages")
-        stages = len(getattr(model.backbone, "feature_info", []))
-        for name, stage in (("metric_stage", metric_stage), ("content_stage", content_stage)):
-            if not 0 <= stage < stages:
-                raise ReIDBenchError(f"defense 'apd': {name} must be in [0, {stages - 1}] for feature_net "
-                                     f"backbone '{model.config['backbone']}', got {stage}")
-        self.model = model.eval().requires_grad_(False)
-        self.metric_stage, self.content_stage = int(metric_stage), int(content_stage)
-        self.size = tuple(model.input_size) if resize else None
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.size is not None and tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        stages = sorted({self.metric_stage, self.content_stage})  # timm returns them in this order
-        maps = dict(zip(stages, self.model.backbone.forward_intermediates(
-            self.model.normalize(x), indices=stages, intermediates_only=True)))
-        return maps[self.metric_stage].mean(dim=(2, 3)), maps[self.content_stage]
-
-
-def mpg_losses(generator: nn.Module, discriminator: nn.Module, features: FrozenFeatures, x: torch.Tensor,
-               negatives: torch.Tensor, weights: dict) -> tuple[torch.Tensor, dict]:
-    """L_MPG of a batch: ``x`` (B, 3, H, W), ``negatives`` (B, M, 3, H, W)."""
-    b, m = negatives.shape[:2]
-    fake = generator(x)
-    with torch.no_grad():
-        source_vec, source_map = features(x)
-        negative_vec = features(negatives.flatten(0, 1))[0].view(b, m, -1)
-    fake_vec, fake_map = features(fake)
-    adversarial = generator_adversarial_loss(discriminator(fake))
-    metric = metric_perturbation_loss(fake_vec, source_vec, negative_vec)
-    idem = idempotence_loss(generator(fake), fake)
-    content = content_loss(fake_map, source_map)
-    total = (adversarial + weights["mp_weight"] * metric + weights["idem_weight"] * idem
-             + weights["content_weight"] * content)
-    return total, {"mpg": float(total.detach()), "mpg_g": float(adversarial.detach()), "mpg_mp": float(metric.detach()),
-                   "mpg_s": float(idem.detach()), "mpg_c": float(content.detach())}
-
-
-def train_mpg(generator: nn.Module, discriminator: nn.Module, features: FrozenFeatures, images: torch.Tensor,
-              pids: torch.Tensor, steps: int, batch: int, negatives: int, lr: float, weights: dict,
-              rng: torch.Generator, device: str | torch.device = "cpu", progress: bool = True) -> list[dict]:
-    """Stage 1 on uint8 ``images``: ``steps`` alternating D and G Adam steps. Returns each step's logs."""
-    device = torch.device(device)
-    generator.to(device).train()
-    discriminator.to(device).train()
-    features.to(device)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=(0.5, 0.999))
-    history = []
-    with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("apd: train MPG-Net", total=steps)
-        for _ in range(steps):
-            anchors = torch.randint(0, len(images), (batch,), generator=rng)
-            negative_index = draw_negatives(pids, anchors, negatives, rng)
-            x = images[anchors].to(device).float().div_(255)
-            xn = images[negative_index.flatten()].to(device).float().div_(255)
-            with torch.no_grad():
-                fake = generator(x)
-            d_loss = discriminator_loss(discriminator(fake), discriminator(xn))
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            loss, logs = mpg_losses(generator, discriminator, features, x, xn.view(batch, negatives, *x.shape[1:]),
-                                    weights)
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()  # D collects gradients too; its optimiser clears them before its next step
-            opt_g.step()
-            history.append({**logs, "mpg_d": float(d_loss.detach())})
-            bar.update(task, advance=1, description=f"apd: train MPG-Net L_MPG {logs['mpg']:.4f}")
-    generator.eval()
-    return history
-
-
-# --- stage 2: SP-Net -------------------------------------------------------------------------
-class MultiScalePerception(nn.Module):
-    """MSP: the mean of three sigmoid attention maps from dilated convolutions (module docstring)."""
-
-    def __init__(self, channels: int, maps: str = "element"):
-        super().__init__()
-        out = channels if maps == "element" else 1
-        self.dc1 = nn.Conv2d(channels, out, 3, padding=2, dilation=2)
-        self.dc3 = nn.Conv2d(channels, out, 3, padding=2, dilation=2)
-        self.dc2 = nn.Conv2d(out, out, 2, padding=1, dilation=2)
-        self.dc4 = nn.Conv2d(out, out, 2, padding=1, dilation=2)
-
-    def maps(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        msp1 = torch.sigmoid(self.dc1(fmap))
-        msp3 = torch.sigmoid(self.dc3(fmap))
-        msp2 = torch.sigmoid(self.dc2(msp3) + self.dc4(msp1))
-        return msp1, msp2, msp3
-
-    def forward(self, fmap: torch.Tensor) -> torch.Tensor:
-        return sum(self.maps(fmap)) / 3
-
-
-@MODEL_HEADS.register("apd-split")
-class SemanticPurificationModel(ReIDModel):
-    """SP-Net: a ReIDModel whose early feature map E(x) is split by MSP into the identity part
-    K and the rest NK = E − K; its embedding (branch 1) is computed from K alone."""
-
-    options = ("split_stage", "msp_maps")
-
-    def __init__(self, *args, split_stage: int = 0, msp_maps: str = "element", **kwargs):
-        super().__init__(*args, **kwargs)
-        from timm.models.efficientnet import EfficientNet
-        from timm.models.resnet import ResNet
-
-        if not isinstance(self.backbone, (ResNet, EfficientNet)):
-            raise ReIDBenchError(f"model head 'apd-split' splits a timm ResNet or EfficientNet-family network "
-                                 f"(MobileNetV2) after its stem or a stage; backbone '{self.config['backbone']}' is neither")
-        if split_stage not in (0, 1, 2, 3):
-            raise ReIDBenchError(f"model head 'apd-split': split_stage must be 0 (the stem) or 1-3, got {split_stage!r}")
-        if msp_maps not in MSP_MAPS:
-            raise ReIDBenchError(f"model head 'apd-split': msp_maps must be one of {MSP_MAPS}, got {msp_maps!r}")
-        self.config.update(head="apd-split", split_stage=int(split_stage), msp_maps=msp_maps)
-        # Names, not a new container: the backbone's weights keep their keys.
-        if isinstance(self.backbone, ResNet):
-            stages = ["layer1", "layer2", "layer3", "layer4"]
-            self._front = ["conv1", "bn1", "act1", "maxpool"] + stages[:split_stage]
-            self._rest = stages[split_stage:]
-        else:
-            # [ours] An EfficientNet-family trunk has no stem stage in feature_info: index i ends
-            # at the block group that feature names (MobileNetV2: 0 blocks.0, 1 blocks.1, 2 blocks.2,
-            # 3 blocks.4), so the split follows that group; the 1x1 head conv stays in the rest.
-            last = int(self.backbone.feature_info[split_stage]["module"].split(".")[1])
-            blocks = [f"blocks.{i}" for i in range(len(self.backbone.blocks))]
-            self._front = ["conv_stem", "bn1"] + blocks[:last + 1]
-            self._rest = blocks[last + 1:] + ["conv_head", "bn2"]
-        # timm's feature_info: index 0 is the stem (its max-pool keeps the channels), i stage i.
-        self.msp = MultiScalePerception(int(self.backbone.feature_info[split_stage]["num_chs"]), msp_maps)
-
-    def embedding_map(self, x: torch.Tensor) -> torch.Tensor:
-        """E(x): the map the split acts on, for images in [0, 1]."""
-        x = self.normalize(x)
-        for name in self._front:
-            x = self.backbone.get_submodule(name)(x)
-        return x
-
-    def split(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K, NK): identity-relevant part and the rest; they sum to ``fmap``."""
-        identity = self.msp(fmap) * fmap
-        return identity, fmap - identity
-
-    def branch_features(self, fmap: torch.Tensor) -> torch.Tensor:
-        """The shared rest of the network on a part: its pooled pre-neck feature."""
-        for name in self._rest:
-            fmap = self.backbone.get_submodule(name)(fmap)
-        return self.backbone.forward_head(fmap) if self.pool is None else self.pool(fmap).flatten(1)
-
-    def branch(self, fmap: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """(logits or None, pre-neck feature) of a part, through the shared neck and classifier."""
-        feats = self.branch_features(fmap)
-        logits = self.classifier(self.bottleneck(feats)) if self.classifier is not None else None
-        return logits, feats
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.branch_features(self.split(self.embedding_map(x))[0])
-
-
-# --- stage 2: the SSD losses -----------------------------------------------------------------
-def shuffle_partners(pids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(B,) for each sample the index of a batch sample of another identity, drawn uniformly."""
-    pids = pids.cpu()
-    other = (pids.view(-1, 1) != pids.view(1, -1)).float()
-    if not other.sum(1).all():
-        raise ReIDBenchError("defense 'apd': a training batch needs at least two identities to shuffle NK across them")
-    return torch.multinomial(other, 1, generator=generator).view(-1)
-
-
-def reversed_triplet(feats: torch.Tensor, pids: torch.Tensor,
-                     negatives: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softplus(d(a, n) − d(a, p)) and the negative of each anchor: p its closest positive (not
-    itself), n its farthest negative, or ``negatives[i]`` when given. Anchors without a
-    positive are left out of the mean."""
-    dist = torch.cdist(feats, feats)
-    same = pids.view(-1, 1) == pids.view(1, -1)
-    itself = torch.eye(len(pids), dtype=torch.bool, device=feats.device)
-    closest_positive = dist.masked_fill(~same | itself, float("inf")).amin(1)
-    if negatives is None:
-        negatives = dist.masked_fill(same, float("-inf")).argmax(1)
-    negatives = negatives.to(feats.device)
-    to_negative = dist.gather(1, negatives.view(-1, 1)).view(-1)
-    valid = torch.isfinite(closest_positive) & (pids[negatives] != pids)
-    if not valid.any():
-        return feats.sum() * 0.0, negatives
-    return F.softplus(to_negative[valid] - closest_positive[valid]).mean(), negatives
-
-
-@contextlib.contextmanager
-def running_stats_frozen(model: nn.Module):
-    """Batch norms normalise with batch statistics but leave their running ones as they are."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
 
 
 @DEFENSES.register("apd")
