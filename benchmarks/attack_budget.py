@@ -89,14 +89,15 @@ def strongest_attack(results_root: Path, protocol, dataset: str, model_id: str) 
     """(attack name, attacked Rank-1) of the model's white-box cell with the lowest Rank-1."""
     best = None
     for _, record in iter_cells(Path(results_root) / protocol.version / dataset / model_id):
-        if record.get("threat_model") != "white-box" or record.get("perturbed", "query") != "query":
+        if record.threat_model != "white-box" or (record.perturbed or "query") != "query" or not record.measured:
             continue
-        if abs(float(record.get("perturbation", {}).get("eps", -1)) - protocol.eps) > 1e-9:
+        eps = record.perturbation.eps if record.perturbation and record.perturbation.eps is not None else -1
+        if abs(float(eps) - protocol.eps) > 1e-9:
             continue
-        name = record["attack"]["name"]
+        name = record.attack["name"]
         if name not in _known_attacks() or not sweepable(name, protocol):
             continue
-        key = (record["attacked"]["rank1"], record["attacked"]["mAP"], name)
+        key = (record.attacked.rank1, record.attacked.mAP, name)
         if best is None or key < best:
             best = key
     return (best[2], best[0]) if best else None

@@ -25,9 +25,9 @@ from reidbench.train.loop import training_record
 def cell_rows(results: Path) -> dict[str, list[float]]:
     rows = defaultdict(list)
     for _, record in iter_cells(results):
-        if "wall_time_s" in record:
+        if record.wall_time_s is not None:
             # one type per attack and ε, summed over models: what the grid pays per cell type
-            rows[f"cell {record['attack_id']}"].append(float(record["wall_time_s"]))
+            rows[f"cell {record.attack_id}"].append(float(record.wall_time_s))
     return rows
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ReIDBenchError
+from .record import Metrics
 
 DatasetSpec = Union[str, dict]
 
@@ -241,26 +242,26 @@ def results_frame(paths: Sequence[Path]):
     records = [(Path(p), read_cell(p)) for p in paths]
     rows = []
     clean = records[0][1]
-    rows.append({"row": "clean", "threat_model": None, "eps": None, **_metrics(clean["clean"]),
-                 "queries": clean["dataset"]["num_query"], "path": None})
+    rows.append({"row": "clean", "threat_model": None, "eps": None, **_metrics(clean.clean),
+                 "queries": clean.dataset.num_query, "path": None})
     for path, record in records:
-        rows.append({"row": record["attack_id"], "threat_model": record["threat_model"],
-                     "eps": round(record["perturbation"]["eps"] * 255, 3), **_metrics(record["attacked"]),
-                     "queries": record["dataset"]["num_query"], "path": str(path)})
+        rows.append({"row": record.attack_id, "threat_model": record.threat_model,
+                     "eps": round(record.perturbation.eps * 255, 3), **_metrics(record.attacked),
+                     "queries": record.dataset.num_query, "path": str(path)})
     attacked = [r for r in rows[1:]]
     for eps in sorted({r["eps"] for r in attacked}):
         cells = pd.DataFrame({"path": [r["path"] for r in attacked if r["eps"] == eps],
-                              "perturbed": [rec.get("perturbed", "query") for (p, rec), r in zip(records, attacked)
+                              "perturbed": [rec.perturbed or "query" for (p, rec), r in zip(records, attacked)
                                             if r["eps"] == eps],
                               "standardized": True})
         worst = worst_case(cells)
         if worst["rank1"] is not None:
             rows.append({"row": f"worst case (eps {eps:g})", "threat_model": f"{worst['attacks']} attacks", "eps": eps,
                          "rank1": worst["rank1"], "mAP": worst["mAP"], "rank5": None, "mINP": None,
-                         "queries": clean["dataset"]["num_query"], "path": None})
+                         "queries": clean.dataset.num_query, "path": None})
     return pd.DataFrame(rows, columns=["row", "threat_model", "eps", "rank1", "rank5", "mAP", "mINP", "queries",
                                        "path"]).set_index("row")
 
 
-def _metrics(block: dict) -> dict:
-    return {key: block.get(key) for key in ("rank1", "rank5", "mAP", "mINP")}
+def _metrics(block: Metrics) -> dict:
+    return {key: getattr(block, key) for key in ("rank1", "rank5", "mAP", "mINP")}

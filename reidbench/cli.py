@@ -279,7 +279,7 @@ def cmd_cache_verify(args) -> int:
     if args.results:
         for path, record in iter_cells(Path(args.results)):
             checked += 1
-            problem = per_query_problem(path, record) if "per_query_file" in record else None
+            problem = per_query_problem(path, record) if record.per_query is not None else None
             if problem is not None:
                 damaged.append((path.with_suffix(".npz"), problem))
     for path, problem in damaged:

@@ -12,6 +12,7 @@ same outcomes give the same hash.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ import numpy as np
 
 from .cache import CorruptArtefact, atomic_write
 from .progress import log
+from .record import CellRecord, MalformedRecord, PerQueryRef
 
 
 def cell_path(root: Path, protocol_version: str, dataset: str, model_id: str, attack_id: str) -> Path:
@@ -43,54 +45,56 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def write_cell(path: Path, record: dict, per_query: Optional[dict[str, np.ndarray]] = None) -> None:
+def write_cell(path: Path, record: CellRecord, per_query: Optional[dict[str, np.ndarray]] = None) -> None:
     path = Path(path)
     if per_query:
         blob = npz_bytes(per_query)
         atomic_write(path.with_suffix(".npz"), blob, check=False)
-        record = {**record, "per_query_file": path.with_suffix(".npz").name, "per_query_bytes": len(blob),
-                  "per_query_sha256": hashlib.sha256(blob).hexdigest()}
-    atomic_write(path, (json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n").encode(), check=False)
+        record = dataclasses.replace(record, per_query=PerQueryRef(path.with_suffix(".npz").name, len(blob),
+                                                                   hashlib.sha256(blob).hexdigest()))
+    atomic_write(path, (json.dumps(record.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode(),
+                 check=False)
 
 
-def read_cell(path: Path) -> Optional[dict]:
+def read_cell(path: Path) -> Optional[CellRecord]:
     """A cell's record, or None (with one warning line) when the file is not a valid record."""
     try:
-        record = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         log(f"[yellow]warning:[/] skipping malformed result {path}: {exc.__class__.__name__}: {str(exc)[:120]}")
         return None
-    if not isinstance(record, dict) or "model" not in record or "attack" not in record:
-        log(f"[yellow]warning:[/] skipping result {path}: not a reidbench record")
+    try:
+        return CellRecord.from_json(data, source=path)
+    except MalformedRecord as exc:
+        log(f"[yellow]warning:[/] skipping result {exc}")
         return None
-    return record
 
 
-def per_query_problem(path: Path, record: Optional[dict] = None) -> Optional[str]:
+def per_query_problem(path: Path, record: Optional[CellRecord] = None) -> Optional[str]:
     """Why the ``.npz`` beside the record at ``path`` is not the one the record was written
     with (missing, other size, other sha256); None when it is, or when the record predates
-    those fields. ``record`` defaults to the JSON at ``path``."""
+    those fields. ``record`` defaults to the one at ``path``."""
     npz = Path(path).with_suffix(".npz")
     if record is None:
         try:
-            record = json.loads(Path(path).with_suffix(".json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            record = {}
-    expected = record.get("per_query_sha256") if isinstance(record, dict) else None
+            record = CellRecord.from_json(json.loads(Path(path).with_suffix(".json").read_text()), source=path)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, MalformedRecord):
+            return None
+    expected = record.per_query.sha256 if record.per_query is not None else None
     if not isinstance(expected, str):
         return None
     try:
         blob = npz.read_bytes()
     except OSError:
         return "it is missing"
-    if len(blob) != record.get("per_query_bytes", len(blob)):
-        return f"{len(blob)} bytes, its record says {record['per_query_bytes']}"
+    if record.per_query.bytes is not None and len(blob) != record.per_query.bytes:
+        return f"{len(blob)} bytes, its record says {record.per_query.bytes}"
     if hashlib.sha256(blob).hexdigest() != expected:
         return "its sha256 differs from the one its record holds"
     return None
 
 
-def read_per_query(path: Path, record: Optional[dict] = None) -> dict[str, np.ndarray]:
+def read_per_query(path: Path, record: Optional[CellRecord] = None) -> dict[str, np.ndarray]:
     """The per-query arrays of the cell at ``path``, checked against its record first; a
     damaged file raises :class:`CorruptArtefact` (one line)."""
     npz = Path(path).with_suffix(".npz")
@@ -106,10 +110,10 @@ def read_per_query(path: Path, record: Optional[dict] = None) -> dict[str, np.nd
     raise CorruptArtefact(f"per-query outcomes {npz} are damaged ({problem})")
 
 
-def cell_intact(path: Path, record: dict) -> bool:
+def cell_intact(path: Path, record: CellRecord) -> bool:
     """Whether a stored cell can be reused as it is: its per-query file, if it names one, is
     readable and the one it was written with. A damaged one is reported in one line."""
-    if "per_query_file" not in record:
+    if record.per_query is None:
         return True
     try:
         read_per_query(path, record)
@@ -139,7 +143,7 @@ def outcomes_or_none(cell_path) -> Optional[dict[str, np.ndarray]]:
         return None
 
 
-def iter_cells(root: Path, protocol_version: Optional[str] = None) -> Iterable[tuple[Path, dict]]:
+def iter_cells(root: Path, protocol_version: Optional[str] = None) -> Iterable[tuple[Path, CellRecord]]:
     base = Path(root) / protocol_version if protocol_version else Path(root)
     for path in sorted(base.rglob("*.json")):
         record = read_cell(path)

@@ -31,6 +31,7 @@ from .metrics import evaluate_rank, identity_spread, k_reciprocal_rerank, metric
 from .models import build_model, check_model_fits
 from .progress import log, progress_bar
 from .protocol import Protocol, load_protocol
+from .record import METRIC_LABELS, CellRecord, DatasetInfo, Metrics, ModelInfo, Perturbation, ProtocolRef
 from .hardware import environment, resolve_device
 from .results import cell_intact, cell_path, read_cell, write_cell
 from .cache import sha256_file
@@ -229,37 +230,38 @@ class Runner:
         key = self.input_key(bundle, attack)
         if not self.force and path.exists():
             previous = read_cell(path)
-            if previous is not None and previous.get("input_key") == key and cell_intact(path, previous):
+            if previous is not None and previous.input_key == key and cell_intact(path, previous):
                 return path
         started = time.time()
         feats = self.clean_features(bundle)
         example = ExampleCapture(example_query_index(split, self.protocol.seed))
         if attack.perturbs == "gallery":
             adv_feats, linf, l2, zero_share = self.attack_images(bundle, attack, side="gallery")
-            record, per_query = self.score(bundle, feats, feats["query"], adv_feats, example)
+            scores, per_query = self.score(bundle, feats, feats["query"], adv_feats, example)
         else:
             adv_feats, linf, l2, zero_share = self.attack_images(bundle, attack, side="query", capture=example)
-            record, per_query = self.score(bundle, feats, adv_feats, feats["gallery"], example)
-        record.update({
-            "schema": 1, "input_key": key, "attack_id": attack_id(attack_name, eps),
-            "protocol": {"version": self.protocol.version, "fingerprint": self.protocol.fingerprint()},
-            "model": {"id": entry.id, "backbone": entry.backbone, "defense": bundle.model.defense.describe(),
-                      "weights_sha256": bundle.weights_sha256, "recipe": training_entry(entry, self.zoo).recipe, "model": entry.model,
-                      "train_dataset": entry.dataset, "stochastic": bundle.model.stochastic,
-                      "differentiable": bundle.model.defense.differentiable},
-            "dataset": {"name": split.name, "split_hash": split.split_hash, "num_query": len(split.query),
-                        "num_gallery": len(split.gallery), "image_size": list(split.image_size),
-                        **({"query_subset": split.info["query_subset"]} if "query_subset" in split.info else {})},
-            "attack": attack.describe(), "threat_model": attack.threat_model, "perturbed": attack.perturbs,
-            "perturbation": {"linf_max": linf, "l2_mean": l2, "eps": eps},
-            "zero_gradient_share": zero_share,
-            "seed": self.protocol.seed, "batch_size": self.batch_size, "device": self.device, "environment": environment(),
-            "wall_time_s": round(time.time() - started, 3),
-        })
-        if "surrogate" in attack.needs:
-            record["surrogate"] = {"id": self.protocol.surrogate(split.name),
-                                   "weights_sha256": self.surrogate_bundle(bundle).weights_sha256}
-        record["sanity_flags"] = self.sanity_flags(bundle, record)
+            scores, per_query = self.score(bundle, feats, adv_feats, feats["gallery"], example)
+        wall_time_s = round(time.time() - started, 3)
+        measured = {label: Metrics.from_json(scores[label]) if label in scores else None for label in METRIC_LABELS}
+        record = CellRecord(
+            input_key=key, attack_id=attack_id(attack_name, eps),
+            protocol=ProtocolRef(self.protocol.version, self.protocol.fingerprint()),
+            model=ModelInfo(id=entry.id, backbone=entry.backbone, defense=bundle.model.defense.describe(),
+                            weights_sha256=bundle.weights_sha256, recipe=training_entry(entry, self.zoo).recipe,
+                            model=entry.model, train_dataset=entry.dataset, stochastic=bundle.model.stochastic,
+                            differentiable=bundle.model.defense.differentiable),
+            dataset=DatasetInfo(name=split.name, split_hash=split.split_hash, num_query=len(split.query),
+                                num_gallery=len(split.gallery), image_size=list(split.image_size),
+                                query_subset=split.info.get("query_subset")),
+            attack=attack.describe(), threat_model=attack.threat_model, perturbed=attack.perturbs,
+            perturbation=Perturbation(linf_max=linf, l2_mean=l2, eps=eps), zero_gradient_share=zero_share,
+            **measured, example=scores.get("example"), conventions=scores["conventions"],
+            seed=self.protocol.seed, batch_size=self.batch_size, device=self.device, environment=environment(),
+            wall_time_s=wall_time_s,
+            surrogate={"id": self.protocol.surrogate(split.name), "weights_sha256": self.surrogate_bundle(bundle).weights_sha256}
+            if "surrogate" in attack.needs else None,
+            sanity_flags=tuple(self.sanity_flags(bundle, measured["clean"], measured["attacked"], zero_share)),
+        )
         write_cell(path, record, per_query)
         return path
 
@@ -385,13 +387,14 @@ class Runner:
         row = q_g[example.index].clone() if example is not None and example.index is not None else None
         return metrics, arrays, row
 
-    def sanity_flags(self, bundle: ModelBundle, record: dict) -> list[str]:
+    def sanity_flags(self, bundle: ModelBundle, clean: Metrics, attacked: Metrics,
+                     zero_share: Optional[float]) -> list[str]:
         """Per-cell signs that a number should not be trusted (in the spirit of AutoAttack's
         checks); the cross-cell ones (transfer beating white-box) are raised by the leaderboard."""
         flags = []
-        if any(record["attacked"][m] > record["clean"][m] + 1e-6 for m in ("mAP", "rank1")):
+        if any(getattr(attacked, m) > getattr(clean, m) + 1e-6 for m in ("mAP", "rank1")):
             flags.append("attack-improved-metric")
-        if (record.get("zero_gradient_share") or 0.0) > self.protocol.zero_gradient_flag:
+        if (zero_share or 0.0) > self.protocol.zero_gradient_flag:
             flags.append("zero-input-gradients")
         probe = bundle.split.query.load(torch.arange(min(8, len(bundle.split.query))), tuple(bundle.model.input_size))
         with torch.no_grad():

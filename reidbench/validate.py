@@ -52,6 +52,7 @@ import numpy as np
 from .errors import ReIDBenchError
 from .protocol import Protocol, load_protocol
 from .cache import CorruptArtefact
+from .record import CellRecord
 from .results import cell_path, read_cell, read_per_query
 
 DEFAULT_TOLERANCE = 3.0
@@ -145,25 +146,25 @@ def summary_from_per_query(per_query: dict, label: str, index: Optional[list[int
     return {"rank1": float((first_hit[valid] == 0).mean()), "mAP": float(ap[valid].astype(np.float64).mean())}
 
 
-def _record_reasons(path: Path, record: dict, bundle, runner, pinned: str) -> list[str]:
+def _record_reasons(path: Path, record: CellRecord, bundle, runner, pinned: str) -> list[str]:
     """What is wrong with one record of the submission, without recomputing it."""
     name, reasons = path.relative_to(path.parents[3]).as_posix(), []
-    if record["model"].get("weights_sha256") != pinned:
-        reasons.append(f"{name}: computed with weights {str(record['model'].get('weights_sha256'))[:12]}…, "
+    if record.model.weights_sha256 != pinned:
+        reasons.append(f"{name}: computed with weights {str(record.model.weights_sha256)[:12]}…, "
                        f"but the zoo pins {pinned[:12]}…")
-    if record.get("dataset", {}).get("split_hash") != bundle.split.split_hash:
-        reasons.append(f"{name}: computed on split {record.get('dataset', {}).get('split_hash')}, "
+    if record.dataset.split_hash != bundle.split.split_hash:
+        reasons.append(f"{name}: computed on split {record.dataset.split_hash}, "
                        f"not this dataset's split {bundle.split.split_hash}")
-    if record.get("protocol", {}).get("fingerprint") != runner.protocol.fingerprint():
+    if (record.protocol and record.protocol.fingerprint) != runner.protocol.fingerprint():
         reasons.append(f"{name}: computed under another protocol than {runner.protocol.version} as shipped")
-    subset = record.get("dataset", {}).get("query_subset")
+    subset = record.dataset.query_subset
     if subset:
         reasons.append(f"{name}: computed on a subset of {subset.get('queries')} queries (--queries); submit full runs")
-    if bool(record["model"].get("stochastic")) != bundle.model.stochastic:
-        reasons.append(f"{name}: says stochastic={record['model'].get('stochastic')}, but the defense is "
+    if bool(record.model.stochastic) != bundle.model.stochastic:
+        reasons.append(f"{name}: says stochastic={record.model.stochastic}, but the defense is "
                        f"{'' if bundle.model.stochastic else 'not '}stochastic")
     reasons += _attack_reasons(name, record, bundle, runner)
-    if "per_query_file" in record:
+    if record.per_query is not None:
         npz = path.with_suffix(".npz")
         if not npz.is_file():
             reasons.append(f"{name}: missing file {npz.name} (per-query outcomes)")
@@ -174,22 +175,24 @@ def _record_reasons(path: Path, record: dict, bundle, runner, pinned: str) -> li
             reasons.append(f"{name}: {exc}")
             return reasons
         for label in ("clean", "attacked"):
-            if f"{label}_first_hit" not in per_query or label not in record:
+            if f"{label}_first_hit" not in per_query or record.metrics(label) is None:
                 reasons.append(f"{name}: no {label} outcomes in the record or in {npz.name}")
                 continue
             derived = summary_from_per_query(per_query, label)
             for metric in ("rank1", "mAP"):
-                claimed = record[label].get(metric)
+                claimed = getattr(record.metrics(label), metric)
                 if claimed is None or not abs(float(claimed) - derived[metric]) <= _SUMMARY_SLACK:
                     reasons.append(f"{name}: {label} {metric} {claimed} is not what {npz.name} gives "
                                    f"({derived[metric]:.6f})")
     return reasons
 
 
-def _attack_reasons(name: str, record: dict, bundle, runner) -> list[str]:
-    submitted = record.get("attack", {})
+def _attack_reasons(name: str, record: CellRecord, bundle, runner) -> list[str]:
+    submitted = record.attack
     try:
-        expected = runner.make_attack(submitted.get("name", ""), float(record["perturbation"]["eps"]), bundle).describe()
+        if record.perturbation is None:
+            raise KeyError("perturbation")
+        expected = runner.make_attack(submitted.get("name", ""), float(record.perturbation.eps), bundle).describe()
     except (ReIDBenchError, KeyError, TypeError, ValueError) as exc:
         return [f"{name}: cannot rebuild its attack ({exc})"]
     if "surrogate" in expected and expected["surrogate"] is None:
@@ -252,7 +255,7 @@ def validate_entry(entry_id: str, zoo: dict, results_root: Path, tolerance: floa
         missing = cell if records.get(cell) is None else cell.with_suffix(".npz")
         verdict.reasons.append(f"missing file {missing} (validation recomputes {VALIDATION_ATTACK} at the protocol's ε)")
         return verdict
-    if records[cell]["dataset"].get("split_hash") != bundle.split.split_hash:
+    if records[cell].dataset.split_hash != bundle.split.split_hash:
         return verdict  # already a reason; the per-query files index another split
     try:
         index = committed_subset(bundle.split, protocol.version)
@@ -262,7 +265,7 @@ def validate_entry(entry_id: str, zoo: dict, results_root: Path, tolerance: floa
 
     # Clean features of the whole split and the attack on the subset's queries in their own
     # batches, as the run computed them: a stochastic transform then draws the same numbers.
-    runner.batch_size = int(records[cell].get("batch_size", runner.batch_size))
+    runner.batch_size = int(records[cell].batch_size if records[cell].batch_size is not None else runner.batch_size)
     feats = runner.clean_features(bundle)
     adv_feats, *_ = runner.attack_images(bundle, runner.make_attack(VALIDATION_ATTACK, protocol.eps, bundle), only=index)
     split = bundle.split

@@ -81,3 +81,28 @@ def zoo_with_borrower(tiny_zoo_file, path, entry_id: str, defense: str = "none")
   weights: {{from: tiny-none}}
 """)
     return path
+
+
+def cell_record(**fields):
+    """A complete cell record of a made-up white-box cell, for tests that need records without
+    running one; ``fields`` (top-level keys of the record's JSON) replace its own, and a field
+    given as None is left out."""
+    from reidbench.record import CellRecord
+
+    data = {
+        "schema": 1, "input_key": "k", "attack_id": "m-ifgsm-eps5", "threat_model": "white-box", "perturbed": "query",
+        "protocol": {"version": "v2", "fingerprint": "f"},
+        "model": {"id": "m-none", "backbone": "resnet18", "defense": {"name": "none"}, "weights_sha256": "ab" * 32,
+                  "recipe": {"epochs": 30}, "model": {"input_size": [64, 32]}, "train_dataset": {"name": "synthetic"}},
+        "dataset": {"name": "synthetic", "split_hash": "s1", "num_query": 12},
+        "attack": {"name": "m-ifgsm", "eps": 5 / 255},
+        "clean": {"rank1": 0.9, "rank5": 0.95, "rank10": 1.0, "mAP": 0.8, "mINP": 0.5},
+        "attacked": {"rank1": 0.15, "rank5": 0.5, "rank10": 0.6, "mAP": 0.3, "mINP": 0.1},
+        "clean_reranked": {"rank1": 0.92, "mAP": 0.85}, "attacked_reranked": {"rank1": 0.2, "mAP": 0.25},
+        "perturbation": {"eps": 5 / 255, "linf_max": 5 / 255, "l2_mean": 1.0},
+        "sanity_flags": [], "seed": 0, "device": "cpu", "wall_time_s": 1.5,
+        "environment": {"versions": {"torch": "2.x", "reidbench": "0.1.0"}, "git_commit": "abc1234", "python": "3.11",
+                        "platform": "linux", "cpu_count": 2, "cuda": None},
+        **fields,
+    }
+    return CellRecord.from_json({key: value for key, value in data.items() if value is not None})

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import cell_record
 from reidbench import cache
 from reidbench.cache import CorruptArtefact, atomic_write, check_file, load_or_build, load_verified, sidecar
 from reidbench.cli import main
@@ -122,9 +123,9 @@ def test_npz_is_byte_reproducible_and_checked_against_its_record(tmp_path):
     arrays = {"clean_ap": np.arange(5, dtype=np.float32), "query_pids": np.arange(5)}
     assert npz_bytes(arrays) == npz_bytes(dict(reversed(list(arrays.items()))))
     path = tmp_path / "cell.json"
-    write_cell(path, {"model": {"id": "m"}, "attack": {}}, arrays)
+    write_cell(path, cell_record(), arrays)
     record = read_cell(path)
-    assert record["per_query_bytes"] == path.with_suffix(".npz").stat().st_size
+    assert record.per_query.bytes == path.with_suffix(".npz").stat().st_size
     assert np.array_equal(read_per_query(path)["clean_ap"], arrays["clean_ap"])
     damaged = bytearray(path.with_suffix(".npz").read_bytes())
     damaged[-30] ^= 0xFF

@@ -20,7 +20,7 @@ def test_run_all_covers_every_defense_and_every_grid_cell(tmp_path):
     protocol = load_protocol()
     default = [entry for entry in load_zoo(DEFAULT_ZOO).values() if "default" in entry.suite]
     assert {entry.defense["name"] for entry in default} == set(DEFENSES.names())
-    written = {(record["model"]["id"], record["attack_id"]) for _, record in iter_cells(results, protocol.version)}
+    written = {(record.model.id, record.attack_id) for _, record in iter_cells(results, protocol.version)}
     # The protocol's whole suite (grid, secondary ε, oblivious reference), minus cells it does not define.
     expected = {(entry.id, attack_id(name, eps)) for entry, name, eps in protocol_grid(protocol, default)}
     for entry in default:

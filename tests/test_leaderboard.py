@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 from reidbench.checks import worst_case
 from reidbench.leaderboard import page_name, render_site, results_table
 from reidbench.metrics import identity_spread
-from conftest import zoo_with_borrower
+from reidbench.record import CellRecord
+from conftest import cell_record, zoo_with_borrower
 from reidbench.results import cell_path, write_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,28 +38,18 @@ def _outcomes(seed: int, clean_hit=None) -> dict:
 
 
 def _record(model="m-none", attack="m-ifgsm", threat="white-box", eps255=5, perturbed="query", mAP=0.3,
-            defense="none", **extra) -> dict:
-    record = {
-        "schema": 1, "input_key": "k", "attack_id": f"{attack}-eps{eps255}", "threat_model": threat, "perturbed": perturbed,
-        "protocol": {"version": "v2", "fingerprint": "f"},
-        "model": {"id": model, "backbone": "resnet18", "defense": {"name": defense}, "weights_sha256": "ab" * 32,
-                  "recipe": {"epochs": 30}, "model": {"input_size": [64, 32]}, "train_dataset": {"name": "synthetic"}},
+            defense="none", **extra) -> CellRecord:
+    record = cell_record(**{
+        "attack_id": f"{attack}-eps{eps255}", "threat_model": threat, "perturbed": perturbed,
         "dataset": {"name": "synthetic", "split_hash": "s1", "num_query": NUM_QUERY},
         "attack": {"name": attack, "eps": eps255 / 255},
-        "clean": {"rank1": 0.9, "rank5": 0.95, "rank10": 1.0, "mAP": 0.8, "mINP": 0.5},
         "attacked": {"rank1": mAP / 2, "rank5": 0.5, "rank10": 0.6, "mAP": mAP, "mINP": 0.1},
-        "clean_reranked": {"rank1": 0.92, "mAP": 0.85}, "attacked_reranked": {"rank1": 0.2, "mAP": 0.25},
-        "perturbation": {"eps": eps255 / 255, "linf_max": eps255 / 255, "l2_mean": 1.0},
-        "sanity_flags": [], "seed": 0, "device": "cpu", "wall_time_s": 1.5,
-        "environment": {"versions": {"torch": "2.x", "reidbench": "0.1.0"}, "git_commit": "abc1234", "python": "3.11",
-                        "platform": "linux", "cpu_count": 2, "cuda": None},
-    }
-    record.update(extra)
-    return record
+        "perturbation": {"eps": eps255 / 255, "linf_max": eps255 / 255, "l2_mean": 1.0}, **extra})
+    return replace(record, model=replace(record.model, id=model, defense={"name": defense}))
 
 
 def _write(root: Path, record: dict, seed: int = 0, per_query=True) -> Path:
-    path = cell_path(root, "v2", record["dataset"]["name"], record["model"]["id"], record["attack_id"])
+    path = cell_path(root, "v2", record.dataset.name, record.model.id, record.attack_id)
     write_cell(path, record, _outcomes(seed) if per_query else None)
     return path
 
@@ -174,8 +166,8 @@ def test_html_in_model_id_and_footnote_renders_as_text_and_file_names_are_safe(t
 def test_reported_numbers_have_their_own_columns_and_never_enter_a_worst_case(results, tmp_path):
     claim = _record(model="m-paper", mAP=0.0, reported={"source": "Doe 2024, Table 3", "url": "https://example.org/p",
                                                         "clean": {"rank1": 0.95, "mAP": 0.9},
-                                                        "attacked": {"rank1": 0.7, "mAP": 0.6}})
-    del claim["clean"], claim["attacked"], claim["clean_reranked"], claim["attacked_reranked"]
+                                                        "attacked": {"rank1": 0.7, "mAP": 0.6}},
+                    clean=None, attacked=None, clean_reranked=None, attacked_reranked=None)
     _write(results, claim, per_query=False)
     index = render_site(results, tmp_path / "site").read_text()
     summary = json.loads((tmp_path / "site/tables/synthetic-eps5-summary.json").read_text())
@@ -332,8 +324,8 @@ def test_stored_intervals_are_used_and_checked(tmp_path):
     assert list(results_table(root)["model"]) == ["m-none"]  # a reversed interval is a malformed record
 
 
-def _weights(record: dict, sha: str) -> dict:
-    return {**record, "model": {**record["model"], "weights_sha256": sha}}
+def _weights(record: CellRecord, sha: str) -> CellRecord:
+    return replace(record, model=replace(record.model, weights_sha256=sha))
 
 
 def test_worst_case_refuses_mixed_weights(tmp_path):
@@ -397,7 +389,7 @@ def test_reranked_numbers_under_attack_are_labelled_non_adaptive(results, tmp_pa
 
 def test_v1_and_v2_results_render_apart_with_a_note(results, tmp_path):
     old = _record(model="m-old", mAP=0.9, protocol={"version": "v1", "fingerprint": "f1"})
-    write_cell(cell_path(results, "v1", "synthetic", "m-old", old["attack_id"]), old, _outcomes(9))
+    write_cell(cell_path(results, "v1", "synthetic", "m-old", old.attack_id), old, _outcomes(9))
     site = tmp_path / "site"
     index = render_site(results, site).read_text()
     assert "m-old" not in index and "m-none" in index
@@ -418,7 +410,7 @@ def test_v1_and_v2_results_render_apart_with_a_note(results, tmp_path):
 
 def test_a_version_this_package_does_not_ship_renders_apart(results, tmp_path):
     record = _record(model="m-future", protocol={"version": "v9", "fingerprint": "f9"})
-    write_cell(cell_path(results, "v9", "synthetic", "m-future", record["attack_id"]), record, _outcomes(4))
+    write_cell(cell_path(results, "v9", "synthetic", "m-future", record.attack_id), record, _outcomes(4))
     site = tmp_path / "site"
     assert 'href="protocol-v9/index.html"' in render_site(results, site).read_text()
     assert "does not ship protocol v9" in (site / "protocol-v9/index.html").read_text()

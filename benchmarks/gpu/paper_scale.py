@@ -33,6 +33,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from reidbench.record import CellRecord, Metrics  # noqa: E402
+
 IMAGENET_FILE = "imagenet/mobilenet_v2-imagenet1k.safetensors"
 IMAGENET_SHA256 = "56ec2c53fabd9fd2d328fe9ead7659ccd875af992f689ca261cf2123fb5ff4f8"
 BACKBONE = "mobilenetv2_100"
@@ -341,9 +343,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _cell_value(record: dict, key: str) -> tuple[float, float]:
-    block = record.get(key) or {}
-    return block.get("rank1"), block.get("mAP")
+def _cell_value(record: CellRecord, key: str) -> tuple[float, float]:
+    block = record.metrics(key) or Metrics()
+    return block.rank1, block.mAP
 
 
 def write_table(out: Path) -> Path:
@@ -354,7 +356,7 @@ def write_table(out: Path) -> Path:
 
     records = {}
     for _, record in iter_cells(out / "results"):
-        records.setdefault(record["model"]["id"], {})[record["attack_id"]] = record
+        records.setdefault(record.model.id, {})[record.attack_id] = record
     attacks = sorted({a for cells in records.values() for a in cells})
     lines = ["# Paper scale on one GPU (benchmarks/gpu/paper_scale.py)", ""]
     hw = timings.get("hardware", {})

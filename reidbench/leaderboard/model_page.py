@@ -11,6 +11,7 @@ from typing import Optional
 
 import pandas as pd
 
+from ..record import CellRecord, ProtocolRef
 from .builders import first_value, model_table
 from .plots import robustness_svg
 from .records import is_missing
@@ -22,10 +23,10 @@ def _thumbnail(value) -> Optional[str]:
     return value if isinstance(value, str) and _BASE64.match(value) else None
 
 
-def example_figure(record: dict) -> Optional[dict]:
+def example_figure(record: CellRecord) -> Optional[dict]:
     """The example query of a record as rows of tiles (thumbnail or index, match flag), or
     None when the record has no usable example block."""
-    example = record.get("example")
+    example = record.example
     if not isinstance(example, dict):
         return None
     try:
@@ -39,8 +40,8 @@ def example_figure(record: dict) -> Optional[dict]:
             rows.append({"label": label, "query": _thumbnail(thumbs.get(query_key)) or _thumbnail(thumbs.get("query")),
                          "tiles": tiles})
         return {"query_index": int(example["query_index"]), "query_pid": int(example["query_pid"]),
-                "attack": record.get("attack_id"), "eps": (record.get("perturbation") or {}).get("eps"),
-                "perturbed": record.get("perturbed", "query"), "rows": rows}
+                "attack": record.attack_id, "eps": record.perturbation.eps if record.perturbation else None,
+                "perturbed": record.perturbed if record.perturbed is not None else "query", "rows": rows}
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -55,23 +56,23 @@ def _distinct(values: list) -> str:
     return "; ".join(f"{text} ({n} cells)" for text, n in sorted(counts.items()))
 
 
-def provenance(records: list[dict]) -> list[tuple[str, str]]:
+def provenance(records: list[CellRecord]) -> list[tuple[str, str]]:
     """What produced a model's numbers; a field that differs between cells lists each value."""
-    env = [r.get("environment") or {} for r in records]
-    rows = [("weights sha256", _distinct([r["model"].get("weights_sha256") for r in records])),
-            ("protocol", _distinct([f"{(r.get('protocol') or {}).get('version')} (fingerprint "
-                                    f"{(r.get('protocol') or {}).get('fingerprint')})" for r in records]))]
+    env = [r.environment or {} for r in records]
+    protocols = [r.protocol or ProtocolRef() for r in records]
+    rows = [("weights sha256", _distinct([r.model.weights_sha256 for r in records])),
+            ("protocol", _distinct([f"{p.version} (fingerprint {p.fingerprint})" for p in protocols]))]
     packages = sorted({p for e in env for p in (e.get("versions") or {})})
     rows += [(f"{p} version", _distinct([(e.get("versions") or {}).get(p) for e in env])) for p in packages]
-    rows += [("device", _distinct([r.get("device") for r in records])), ("GPU", _distinct([e.get("cuda") for e in env])),
+    rows += [("device", _distinct([r.device for r in records])), ("GPU", _distinct([e.get("cuda") for e in env])),
              ("CPU cores", _distinct([e.get("cpu_count") for e in env])), ("python", _distinct([e.get("python") for e in env])),
              ("platform", _distinct([e.get("platform") for e in env])),
              ("git commit", _distinct([e.get("git_commit") for e in env])),
-             ("seed", _distinct([r.get("seed") for r in records]))]
+             ("seed", _distinct([r.seed for r in records]))]
     return rows
 
 
-def model_page(model: str, cells: pd.DataFrame, entries: list[tuple[Path, dict]]) -> dict:
+def model_page(model: str, cells: pd.DataFrame, entries: list[tuple[Path, CellRecord]]) -> dict:
     """What a model's page shows, from its cells (rows of the flat table) and (path, record) pairs."""
     by_path = {str(path): record for path, record in entries}
     records = [record for _, record in entries]
@@ -93,12 +94,12 @@ def model_page(model: str, cells: pd.DataFrame, entries: list[tuple[Path, dict]]
         primary = [r for r in candidates if r.eps == candidates[0].eps] if candidates else []
         datasets.append({"name": dataset, "plots": plots,
                          "example": example_figure(by_path[primary[0].path]) if primary else None})
-    first = records[0]["model"]
+    first = records[0].model
     return {
-        "id": model, "backbone": first.get("backbone", ""),
-        "defense": json.dumps(first.get("defense", "none"), sort_keys=True),
-        "train_dataset": _distinct([r["model"].get("train_dataset") for r in records]),
-        "recipe": _distinct([r["model"].get("recipe") for r in records]),
-        "architecture": _distinct([r["model"].get("model") for r in records]),
+        "id": model, "backbone": first.backbone if first.backbone is not None else "",
+        "defense": json.dumps(first.defense if first.defense is not None else "none", sort_keys=True),
+        "train_dataset": _distinct([r.model.train_dataset for r in records]),
+        "recipe": _distinct([r.model.recipe for r in records]),
+        "architecture": _distinct([r.model.model for r in records]),
         "provenance": provenance(records), "datasets": datasets, "table": model_table(model, cells),
     }

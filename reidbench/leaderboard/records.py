@@ -34,6 +34,7 @@ from ..checks import interval_settings
 from ..metrics import identity_spread, metric_intervals, rank1_variance_interval
 from ..progress import log
 from ..protocol import CURRENT_VERSION
+from ..record import CellRecord, Metrics, Perturbation, ProtocolRef
 from ..results import iter_cells, outcomes_or_none
 
 
@@ -75,30 +76,25 @@ def _fraction(value) -> float:
     return number
 
 
-def _reported(record: dict) -> dict:
-    block = record.get("reported")
+def _reported(record: CellRecord) -> dict:
+    block = record.reported
     if block is None:
         return {}
-    if not isinstance(block, dict) or not isinstance(block.get("source"), str) or not block["source"].strip():
-        raise ValueError("'reported' needs a non-empty 'source'")
-    url = block.get("url")
-    out = {"reported_source": block["source"],
+    url = block.url
+    out = {"reported_source": block.source,
            "reported_url": url if isinstance(url, str) and re.match(r"^https?://", url) else None,
-           "reported_footnote": str(block.get("footnote") or "") or None}
-    for part, prefix in (("clean", "reported_clean_"), ("attacked", "reported_")):
-        numbers = block.get(part) or {}
-        if not isinstance(numbers, dict):
-            raise ValueError(f"'reported.{part}' must be an object")
+           "reported_footnote": str(block.footnote or "") or None}
+    for numbers, prefix in ((block.clean or {}, "reported_clean_"), (block.attacked or {}, "reported_")):
         for metric in ("rank1", "mAP"):
             out[prefix + metric] = _fraction(numbers.get(metric))
     return out
 
 
-def _identity_var(record: dict, path: Path, label: str) -> float:
-    """Per-identity Rank-1 variance of ``record[label]``; records older than that field get
+def _identity_var(record: CellRecord, path: Path, label: str) -> float:
+    """Per-identity Rank-1 variance of the ``label`` block; records older than that field get
     it from their per-query outcomes."""
-    spread = record.get(label, {}).get("per_identity")
-    if isinstance(spread, dict):
+    spread = record.metrics(label).per_identity
+    if spread is not None:
         return _number(spread.get("rank1_var"))
     outcomes = outcomes_or_none(path)
     if outcomes is None or "query_pids" not in outcomes or f"{label}_first_hit" not in outcomes:
@@ -120,7 +116,7 @@ def _bounds(value) -> tuple[float, float]:
     return lo, hi
 
 
-def cell_intervals(path: Path, record: dict) -> dict[str, tuple[float, float]]:
+def cell_intervals(path: Path, record: CellRecord) -> dict[str, tuple[float, float]]:
     """The 95% interval (lo, hi) of every number of a cell that has one, keyed by its flat
     column (:data:`INTERVAL_SOURCES`): from the record when it stores them (``ci95`` and
     ``per_identity.rank1_var_ci95``), else recomputed from the per-query file with the
@@ -128,19 +124,15 @@ def cell_intervals(path: Path, record: dict) -> dict[str, tuple[float, float]]:
     number of an old record, mINP of a file without per-query INP)."""
     out: dict[str, tuple[float, float]] = {}
     computed: dict[str, dict] = {}
-    settings = dict(interval_settings(str((record.get("protocol") or {}).get("version"))))
-    if isinstance(record.get("seed"), int) and not isinstance(record.get("seed"), bool):
-        settings["seed"] = record["seed"]
+    settings = dict(interval_settings(str(record.protocol_version)))
+    if isinstance(record.seed, int) and not isinstance(record.seed, bool):
+        settings["seed"] = record.seed
     for column, (label, metric) in INTERVAL_SOURCES.items():
-        block = record.get(label)
-        if not isinstance(block, dict):
+        block = record.metrics(label)
+        if block is None:
             out[column] = (math.nan, math.nan)
             continue
-        if metric == "rank1_var":
-            spread = block.get("per_identity")
-            stored = spread.get("rank1_var_ci95") if isinstance(spread, dict) else None
-        else:
-            stored = (block.get("ci95") or {}).get(metric)
+        stored = block.stored_interval(metric)
         if stored is None and label in ("clean", "attacked"):
             if label not in computed:
                 computed[label] = _intervals_from_outcomes(path, label, settings)
@@ -161,57 +153,44 @@ def _intervals_from_outcomes(path: Path, label: str, settings: dict) -> dict:
     return out
 
 
-def _attack_name(record: dict) -> str:
-    attack = record.get("attack")
-    if isinstance(attack, dict) and isinstance(attack.get("name"), str):
-        return attack["name"]
-    return str(record["attack_id"]).rsplit("-eps", 1)[0]
-
-
-def _row(path: Path, record: dict) -> dict:
-    """The flat row of one record; KeyError / TypeError / ValueError when it is malformed."""
-    model, dataset = record["model"], record["dataset"]
-    if not isinstance(model.get("id"), str) or not isinstance(dataset.get("name"), str):
-        raise ValueError("model.id and dataset.name must be strings")
-    defense = model.get("defense", {})
-    measured = "clean" in record and "attacked" in record
+def _row(path: Path, record: CellRecord) -> dict:
+    """The flat row of one record; TypeError / ValueError when a value is not what it should be."""
+    model, dataset = record.model, record.dataset
+    measured = record.measured
     reported = _reported(record)
-    if ("clean" in record) != ("attacked" in record) or not (measured or reported):
-        raise ValueError("needs measured 'clean' and 'attacked' numbers, or 'reported' ones")
-    clean, attacked = record.get("clean", {}), record.get("attacked", {})
-    clean_rr, attacked_rr = record.get("clean_reranked") or {}, record.get("attacked_reranked") or {}
-    perturbation = record.get("perturbation") or {}
-    flags = record.get("sanity_flags", [])
-    if not isinstance(flags, list):
-        raise ValueError("sanity_flags must be a list")
+    clean, attacked = record.clean or Metrics(), record.attacked or Metrics()
+    clean_rr, attacked_rr = record.clean_reranked or Metrics(), record.attacked_reranked or Metrics()
+    perturbation = record.perturbation or Perturbation()
+    protocol = record.protocol or ProtocolRef()
     # A query-subset cell is its own dataset on the site: never ranked or combined with full cells.
-    subset = dataset.get("query_subset")
-    label = dataset["name"] if not subset else (
-        f"{dataset['name']} (subset: {int(subset['queries'])} of {int(subset['of'])} queries)")
+    subset = dataset.query_subset
+    label = dataset.name if not subset else (
+        f"{dataset.name} (subset: {int(subset['queries'])} of {int(subset['of'])} queries)")
     row = {
-        "dataset": label, "split_hash": str(dataset.get("split_hash", "")),
-        "model": model["id"], "backbone": str(model.get("backbone", "")),
-        "defense": defense.get("name", "none") if isinstance(defense, dict) else str(defense),
+        "dataset": label, "split_hash": str(dataset.split_hash if dataset.split_hash is not None else ""),
+        "model": model.id, "backbone": str(model.backbone if model.backbone is not None else ""),
+        "defense": model.defense_name,
         # a cross-dataset cell (train on A, test on B) is filed under B; this says A
-        "train_dataset": str((model.get("train_dataset") if isinstance(model.get("train_dataset"), dict)
-                              else dataset).get("name", dataset["name"])),
-        "attack": str(record["attack_id"]), "attack_name": _attack_name(record),
-        "threat_model": str(record.get("threat_model", "")),
-        "clean_rank1": _fraction(clean.get("rank1")), "clean_mAP": _fraction(clean.get("mAP")),
-        "rank1": _fraction(attacked.get("rank1")), "rank5": _fraction(attacked.get("rank5")),
-        "rank10": _fraction(attacked.get("rank10")), "mAP": _fraction(attacked.get("mAP")),
-        "mINP": _fraction(attacked.get("mINP")),
-        "rr_clean_rank1": _fraction(clean_rr.get("rank1")), "rr_clean_mAP": _fraction(clean_rr.get("mAP")),
-        "rr_rank1": _fraction(attacked_rr.get("rank1")), "rr_mAP": _fraction(attacked_rr.get("mAP")),
+        "train_dataset": str((model.train_dataset if isinstance(model.train_dataset, dict)
+                              else {}).get("name", dataset.name)),
+        "attack": record.attack_id, "attack_name": record.attack_name,
+        "threat_model": str(record.threat_model if record.threat_model is not None else ""),
+        "clean_rank1": _fraction(clean.rank1), "clean_mAP": _fraction(clean.mAP),
+        "rank1": _fraction(attacked.rank1), "rank5": _fraction(attacked.rank5),
+        "rank10": _fraction(attacked.rank10), "mAP": _fraction(attacked.mAP),
+        "mINP": _fraction(attacked.mINP),
+        "rr_clean_rank1": _fraction(clean_rr.rank1), "rr_clean_mAP": _fraction(clean_rr.mAP),
+        "rr_rank1": _fraction(attacked_rr.rank1), "rr_mAP": _fraction(attacked_rr.mAP),
         "clean_var": _identity_var(record, path, "clean") if measured else math.nan,
         "var": _identity_var(record, path, "attacked") if measured else math.nan,
-        "linf": _number(perturbation.get("linf_max")), "eps": _number(perturbation.get("eps")),
-        "perturbed": str(record.get("perturbed", "query")), "flags": ", ".join(str(f) for f in flags),
-        "wall_time_s": _number(record.get("wall_time_s")), "standardized": measured, "path": str(path),
-        "rr_adaptive": bool(attacked_rr.get("adaptive", False)) if attacked_rr else None,
-        "weights_sha256": str(model.get("weights_sha256") or ""),
-        "protocol_version": str((record.get("protocol") or {}).get("version") or ""),
-        "protocol_fingerprint": str((record.get("protocol") or {}).get("fingerprint") or ""),
+        "linf": _number(perturbation.linf_max), "eps": _number(perturbation.eps),
+        "perturbed": str(record.perturbed if record.perturbed is not None else "query"),
+        "flags": ", ".join(str(f) for f in record.sanity_flags),
+        "wall_time_s": _number(record.wall_time_s), "standardized": measured, "path": str(path),
+        "rr_adaptive": bool(attacked_rr.adaptive) if record.attacked_reranked is not None else None,
+        "weights_sha256": str(model.weights_sha256 or ""),
+        "protocol_version": str(protocol.version or ""),
+        "protocol_fingerprint": str(protocol.fingerprint or ""),
     }
     if measured:
         for column, (lo, hi) in cell_intervals(path, record).items():
@@ -221,12 +200,12 @@ def _row(path: Path, record: dict) -> dict:
     return row
 
 
-def load_records(results_root: Path, protocol_version: str = CURRENT_VERSION) -> list[tuple[Path, dict, dict]]:
+def load_records(results_root: Path, protocol_version: str = CURRENT_VERSION) -> list[tuple[Path, CellRecord, dict]]:
     """(path, record, flat row) of every usable record of one protocol version; a record the
     site cannot use is skipped with one warning line."""
     out = []
     for path, record in iter_cells(results_root, protocol_version):
-        if not isinstance(record.get("protocol"), dict) or record["protocol"].get("version") != protocol_version:
+        if record.protocol_version != protocol_version:
             continue  # never mix protocol versions in one table
         try:
             row = _row(path, record)

@@ -16,6 +16,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from ..cache import atomic_write
 from ..errors import ReIDBenchError
 from ..protocol import CURRENT_VERSION, known_versions, load_protocol
+from ..record import CellRecord
 from ..results import read_budget_sweep
 from .builders import index_sections
 from .model_page import model_page
@@ -104,7 +105,7 @@ def _render_version(results_root: Path, out_dir: Path, protocol_version: str, ap
         for table in section["tables"]:
             files[out_dir / "tables" / f"{table.slug}.csv"] = table.csv()
             files[out_dir / "tables" / f"{table.slug}.json"] = table.json()
-    records_by_model: dict[str, list[tuple[Path, dict]]] = {}
+    records_by_model: dict[str, list[tuple[Path, CellRecord]]] = {}
     for path, record, row in loaded:
         records_by_model.setdefault(row["model"], []).append((path, record))
     page_template = env.get_template("model.html.j2")
