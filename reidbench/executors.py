@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ReIDBenchError
-from .progress import log
+from .progress import log, run_progress
 
 EXECUTORS = ("local", "processes", "ray")
 # Settings a worker on another machine of the cluster must share with the driver.
@@ -151,9 +151,11 @@ class ProcessExecutor:
         threads = max(1, (os.cpu_count() or 1) // self.jobs)
         worker_spec = dataclasses.replace(spec, progress=False)
         paths: dict[tuple[str, str], Path] = {}
+        total = len(deps) + sum(len(entry_cells) for entry_cells in cells.values())
         # spawn, not fork: a forked child of a process that already ran torch's thread pool can hang.
         with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_start_worker, initargs=(threads,)) as pool:
+                                 initializer=_start_worker, initargs=(threads,)) as pool, \
+                run_progress(total, "trainings + cells", enabled=spec.progress) as advance:
             done_models: set[str] = set()
             running: dict = {}
             queue = [m for m in deps]
@@ -171,6 +173,7 @@ class ProcessExecutor:
                         raise ReIDBenchError(message)
                     done_models.add(model)
                     log(f"[green]✓[/] {model}: weights ready")
+                    advance()
             # What a surrogate-based attack learns or crafts (DMR's generator, on disk) serves every
             # target: one model's such cells run first, the others' once it is there, so that two
             # workers never train the same generator side by side.
@@ -196,6 +199,7 @@ class ProcessExecutor:
                         if path is not None:
                             paths[(entry_id, attack_id(name, eps))] = Path(path)
                             log(f"[green]✓[/] {entry_id} × {attack_id(name, eps)}")
+                    advance(len(batch))
                     if entry_id == first:  # the shared artefacts exist now
                         for other_id, shared in held.items():
                             future = pool.submit(run_cells, worker_spec, other_id, shared)

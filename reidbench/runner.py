@@ -29,7 +29,7 @@ from .example import ExampleCapture, example_query_index, ranking_example
 from .features import embed, extract_features
 from .metrics import evaluate_rank, identity_spread, k_reciprocal_rerank, metric_intervals, pairwise_distance
 from .models import build_model, check_model_fits
-from .progress import log, progress_bar
+from .progress import log, progress_bar, run_progress
 from .protocol import Protocol, load_protocol
 from .record import METRIC_LABELS, CellRecord, DatasetInfo, Metrics, ModelInfo, Perturbation, ProtocolRef
 from .hardware import environment, resolve_device
@@ -414,12 +414,14 @@ class Runner:
         define (:func:`undefined_cell`) is skipped with its reason."""
         check_attack_names(attacks or self.protocol.attacks(), eps_values or [self.protocol.eps], self.protocol)
         paths = []
-        for entry, name, eps in protocol_grid(self.protocol, entries, attacks, eps_values,
-                                              dataset["name"] if dataset else None):
-            path = self.run_cell(entry, name, eps, dataset)
-            if path is not None:
-                paths.append(path)
-                log(f"[green]✓[/] {entry.id} × {path.stem}")
+        cells = list(protocol_grid(self.protocol, entries, attacks, eps_values, dataset["name"] if dataset else None))
+        with run_progress(len(cells), "all cells", enabled=self.progress) as advance:
+            for entry, name, eps in cells:
+                path = self.run_cell(entry, name, eps, dataset)
+                if path is not None:
+                    paths.append(path)
+                    log(f"[green]✓[/] {entry.id} × {path.stem}")
+                advance()
         return paths
 
 
