@@ -81,3 +81,15 @@ def zoo_with_borrower(tiny_zoo_file, path, entry_id: str, defense: str = "none")
   weights: {{from: tiny-none}}
 """)
     return path
+
+
+@pytest.fixture
+def no_attack_built(monkeypatch):
+    """Building any attack fails: what runs under it must read the attacks' traits from their
+    registered classes."""
+    from reidbench.attack import Attack
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"attack '{self.registry_name}' was built")
+
+    monkeypatch.setattr(Attack, "__init__", refuse)
