@@ -50,6 +50,7 @@ class TransferAttack(Attack):
 
     @staticmethod
     def inner_name(inner: Optional[str]) -> str:
+        """``inner``, or the default the class describes (which depends on what is registered)."""
         if inner is not None:
             return inner
         return "m-mifgsm" if "m-mifgsm" in ATTACKS else "m-ifgsm"
