@@ -44,7 +44,7 @@ class _AdaptiveAttack(Attack):
         if int(eot_samples) < 1:
             raise ReIDBenchError(f"attack '{self.registry_name}': eot_samples must be >= 1, got {eot_samples}")
         super().__init__(eps, step, iterations, seed, inner=inner, eot_samples=int(eot_samples))
-        self.perturbs = ATTACKS.get(inner).perturbs  # the wrapper changes gradients, not what is perturbed
+        self.take_traits_of(ATTACKS.get(inner))  # the wrapper changes gradients, not what is attacked
 
     def describe(self) -> dict:
         return {**super().describe(), "rule": self.rule}

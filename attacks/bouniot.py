@@ -126,6 +126,7 @@ class SelfMetricAttack(IterativeMetricAttack):
     """
 
     random_start = True
+    uses_identity = False
 
     def prepare(self, model, queries, ctx):
         ctx.extra["clean"] = ctx.query_feats.to(queries.device)

@@ -56,6 +56,7 @@ class LocalTransformationAttack(IterativeMetricAttack):
 
     momentum = 1.0
     random_draws = True  # a fresh guide at every iteration
+    uses_identity = False
     AREA = (0.02, 0.4)
     ASPECT = 0.3
     ATTEMPTS = 100

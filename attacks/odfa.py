@@ -42,6 +42,8 @@ class OppositeDirectionFeatureAttack(IterativeMetricAttack):
       it (for comparison only: it is not an attack).
     """
 
+    uses_identity = False
+
     def __init__(self, eps, step, iterations, seed=0, random_start: bool = False, adv_reid_sign: bool = False,
                  **params):
         super().__init__(eps, step, iterations, seed, adv_reid_sign=adv_reid_sign, **params)

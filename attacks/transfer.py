@@ -39,15 +39,27 @@ class TransferAttack(Attack):
     strengthenable = True  # handed on to the inner attack, which ranks on the surrogate
 
     def __init__(self, eps, step, iterations, seed=0, inner: Optional[str] = None, surrogate: Optional[str] = None):
-        if inner is None:
-            inner = "m-mifgsm" if "m-mifgsm" in ATTACKS else "m-ifgsm"
+        inner = self.inner_name(inner)
         super().__init__(eps, step, iterations, seed, inner=inner, surrogate=surrogate)
         self.inner = build_attack(inner, eps=eps, step=step, iterations=iterations, seed=seed)
         if self.inner.threat_model != "white-box":
             raise ReIDBenchError(f"attack 'transfer': inner attack '{inner}' is not a white-box attack")
-        self.needs = ("surrogate",) + tuple(need for need in self.inner.needs if need != "surrogate")
-        self.perturbs = self.inner.perturbs
+        self.needs = self.needs_for(inner=inner)
+        self.take_traits_of(self.inner)
         self.surrogate_id = surrogate
+
+    @staticmethod
+    def inner_name(inner: Optional[str]) -> str:
+        """``inner``, or the default the class describes (which depends on what is registered)."""
+        if inner is not None:
+            return inner
+        return "m-mifgsm" if "m-mifgsm" in ATTACKS else "m-ifgsm"
+
+    @classmethod
+    def needs_for(cls, inner: Optional[str] = None, **params) -> tuple[str, ...]:
+        # The inner attack's needs are met on the surrogate's side (its training split, say).
+        inner_needs = ATTACKS.get(cls.inner_name(inner)).needs_for()
+        return cls.needs + tuple(need for need in inner_needs if need not in cls.needs)
 
     def describe(self) -> dict:
         return {**super().describe(), "inner": self.inner.describe(), "surrogate": self.surrogate_id}

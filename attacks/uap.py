@@ -84,6 +84,7 @@ class UniversalPerturbation(Attack):
     threat_model = "white-box"
     needs = ("train",)
     supports_eot = True
+    universal = True
 
     def __init__(self, eps, step, iterations, seed=0, batch_p: int = 8, batch_k: int = 4, temperature: float = 0.03,
                  eot_samples: int = 1):

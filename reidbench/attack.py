@@ -178,11 +178,17 @@ class Attack:
 
     Subclasses set ``threat_model`` and implement :meth:`perturb`. ``eps`` bounds the
     L∞ norm of the perturbation in [0, 1] pixel units.
+
+    The traits below are class data, so that planning a grid reads them from the registry
+    without building an attack; an attack that wraps another (``inner``) takes the inner
+    one's traits per instance (:meth:`take_traits_of`), and its class data are those of
+    its default inner attack.
     """
 
     registry_name = "attack"
     threat_model = "white-box"
-    #: what the runner must put into the context: any of "surrogate", "oracle", "train"
+    #: what the runner must put into the context: any of "surrogate", "oracle", "train",
+    #: "bare"; read through :meth:`needs_for`, which knows the parameters it depends on
     needs: tuple[str, ...] = ()
     #: which side is perturbed: "query" (protocol v1) or "gallery" (Bai's original variant)
     perturbs = "query"
@@ -191,6 +197,12 @@ class Attack:
     #: search), so that each step's model calls carry every still-active query. Only for
     #: attacks that draw nothing from ``ctx.generator``, whose seed depends on the batch.
     whole_query_set = False
+    #: whether the attack's objective reads identity labels; one that does not (it moves a
+    #: query's feature away from its own) can at best push the query to chance level
+    uses_identity = True
+    #: whether one perturbation, learned once, serves every query (weaker by design than a
+    #: per-query attack: Moosavi-Dezfooli et al. 2017)
+    universal = False
     #: whether :meth:`strengthen` applies to the attack (it has an iterative loop to restart
     #: and whose iterates can be tracked); a learned or universal perturbation has neither
     strengthenable = False
@@ -209,6 +221,16 @@ class Attack:
             raise ReIDBenchError(f"attack '{self.registry_name}': iterations must be >= 1, got {iterations}")
         self.eps, self.step, self.iterations, self.seed = float(eps), float(step), int(iterations), int(seed)
         self.params = params
+
+    @classmethod
+    def needs_for(cls, **params) -> tuple[str, ...]:
+        """What the runner must supply to an attack built with ``params``, without building it."""
+        return cls.needs
+
+    def take_traits_of(self, inner) -> None:
+        """Perturb the side the wrapped attack (an instance or a registered class) perturbs,
+        and read the labels it reads: a wrapper changes how it is run, not what it attacks."""
+        self.perturbs, self.uses_identity, self.universal = inner.perturbs, inner.uses_identity, inner.universal
 
     def describe(self) -> dict:
         """Every parameter that decides the attack's output (recorded with each result). The

@@ -121,7 +121,7 @@ class ProcessExecutor:
             zoo: Optional[dict] = None) -> list[Path]:
         from .runner import protocol_grid
 
-        zoo, protocol, needed = _plan(spec, entry_ids, attacks, eps_values, zoo)
+        zoo, protocol, needed = _plan(spec, entry_ids, attacks, zoo)
         # Every model a training needs, its own bases included, each with what must exist first.
         deps, pending = {}, [m for models in needed.values() for m in models]
         while pending:
@@ -177,7 +177,7 @@ class ProcessExecutor:
             # What a surrogate-based attack learns or crafts (DMR's generator, on disk) serves every
             # target: one model's such cells run first, the others' once it is there, so that two
             # workers never train the same generator side by side.
-            shares = {entry_id: [c for c in entry_cells if "surrogate" in ATTACKS.get(c[0]).needs]
+            shares = {entry_id: [c for c in entry_cells if "surrogate" in ATTACKS.get(c[0]).needs_for()]
                       for entry_id, entry_cells in cells.items()}
             first = next((entry_id for entry_id, shared in shares.items() if shared), None)
             tasks = {}
@@ -265,11 +265,10 @@ def models_needed(zoo: dict, entry_ids: list[str], attacks: list[str], protocol,
     """For each entry of the grid, the zoo ids whose weights its cells need trained first:
     the entry whose recipe trains its weights and, when an attack needs one, the surrogate of
     the dataset the cells run on (``dataset``, or the entry's own)."""
-    from .attack import build_attack
+    from .registry import ATTACKS
     from .zoo.schema import get_entry, training_entry
 
-    surrogate_attacks = [name for name in attacks if "surrogate" in build_attack(
-        name, eps=protocol.eps, step=protocol.step, iterations=protocol.iterations).needs]
+    surrogate_attacks = [name for name in attacks if "surrogate" in ATTACKS.get(name).needs_for()]
     needed = {}
     for entry_id in entry_ids:
         entry = get_entry(zoo, entry_id)
@@ -282,8 +281,7 @@ def models_needed(zoo: dict, entry_ids: list[str], attacks: list[str], protocol,
     return needed
 
 
-def _plan(spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]], eps_values: Optional[list[float]],
-          zoo: Optional[dict]):
+def _plan(spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]], zoo: Optional[dict]):
     """What a multi-process executor needs before it starts: the zoo, the protocol (attack
     names checked, so a typo fails before any work) and the models each entry's cells need."""
     from .protocol import load_protocol
@@ -292,7 +290,7 @@ def _plan(spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]], eps
 
     zoo = zoo if zoo is not None else load_zoo(spec.zoo)
     protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()
-    check_attack_names(attacks or protocol.attacks(), eps_values or [protocol.eps], protocol)
+    check_attack_names(attacks or protocol.attacks())
     return zoo, protocol, models_needed(zoo, entry_ids, attacks or protocol.attacks(), protocol, spec.dataset)
 
 
@@ -317,7 +315,7 @@ class RayExecutor:
         from .runner import attack_id, protocol_grid
 
         ray = _import_ray()
-        zoo, protocol, needed = _plan(spec, entry_ids, attacks, eps_values, zoo)
+        zoo, protocol, needed = _plan(spec, entry_ids, attacks, zoo)
 
         started_here = not ray.is_initialized()
         if started_here:

@@ -30,6 +30,7 @@ from .features import embed, extract_features
 from .metrics import evaluate_rank, identity_spread, k_reciprocal_rerank, metric_intervals, pairwise_distance
 from .models import build_model, check_model_fits
 from .progress import log, progress_bar, run_progress
+from .registry import ATTACKS
 from .protocol import Protocol, load_protocol
 from .record import METRIC_LABELS, CellRecord, DatasetInfo, Metrics, ModelInfo, Perturbation, ProtocolRef
 from .hardware import environment, resolve_device
@@ -412,7 +413,7 @@ class Runner:
         (cross-dataset: train on A, test on B; the cells are filed under B); ``attacks`` None:
         the protocol's whole suite (:func:`protocol_grid`). A cell the protocol does not
         define (:func:`undefined_cell`) is skipped with its reason."""
-        check_attack_names(attacks or self.protocol.attacks(), eps_values or [self.protocol.eps], self.protocol)
+        check_attack_names(attacks or self.protocol.attacks())
         paths = []
         cells = list(protocol_grid(self.protocol, entries, attacks, eps_values, dataset["name"] if dataset else None))
         with run_progress(len(cells), "all cells", enabled=self.progress) as advance:
@@ -460,16 +461,15 @@ def undefined_cell(protocol: Protocol, attack_name: str, dataset_name: str) -> O
     does. A transfer attack needs the surrogate the protocol fixes for the dataset, and a
     surrogate of our choosing would make the number incomparable, so where the protocol fixes
     none (e.g. v1 on video data) the cell does not exist."""
-    needs = build_attack(attack_name, eps=protocol.eps, step=protocol.step, iterations=protocol.iterations).needs
-    if "surrogate" in needs and not protocol.has_surrogate(dataset_name):
+    if "surrogate" in ATTACKS.get(attack_name).needs_for() and not protocol.has_surrogate(dataset_name):
         return f"protocol {protocol.version} fixes no transfer surrogate for dataset '{dataset_name}'"
     return None
 
 
-def check_attack_names(attacks: list[str], eps_values: list[float], protocol: Protocol) -> None:
+def check_attack_names(attacks: list[str]) -> None:
     """Fail on a bad attack name before any work is done."""
     for name in attacks:
-        build_attack(name, eps=eps_values[0], step=protocol.step, iterations=protocol.iterations)
+        ATTACKS.get(name)
 
 
 def input_gradient_zero_share(model: torch.nn.Module, images: torch.Tensor, ctx: AttackContext, normalize: bool) -> float:

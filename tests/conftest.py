@@ -106,3 +106,15 @@ def cell_record(**fields):
         **fields,
     }
     return CellRecord.from_json({key: value for key, value in data.items() if value is not None})
+
+
+@pytest.fixture
+def no_attack_built(monkeypatch):
+    """Building any attack fails: what runs under it must read the attacks' traits from their
+    registered classes."""
+    from reidbench.attack import Attack
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"attack '{self.registry_name}' was built")
+
+    monkeypatch.setattr(Attack, "__init__", refuse)

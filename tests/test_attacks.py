@@ -11,13 +11,14 @@ from attack_setup import mean_ap, white_box_context
 EPS, STEP, ITERS = 5 / 255, 1 / 255, 15
 
 
-# Attacks that use no identity label can at best push a query to chance level, and the
-# tiny baseline (trained for seconds) is not far above chance: for them the fast test checks
-# the feature moved far from the clean one; the slow test checks mAP on the real default.
-IDENTITY_FREE = {"sma", "odfa", "lta"}
-# One perturbation for every query is weaker by design (Moosavi-Dezfooli et al. 2017): on the
-# tiny model it must lower mAP; its strength is checked in tests/test_learned_attacks.py.
-UNIVERSAL = {"uap"}
+WHITE_BOX = [name for name in ATTACKS.names() if ATTACKS.get(name).threat_model == "white-box"]
+
+
+def traits(attack) -> dict:
+    """What planning and these tests read about an attack (a registered class or an instance)."""
+    return {"threat_model": attack.threat_model, "perturbs": attack.perturbs, "uses_identity": attack.uses_identity,
+            "universal": attack.universal, "strengthenable": attack.strengthenable,
+            "supports_eot": attack.supports_eot}
 
 
 @pytest.fixture(scope="module")
@@ -27,23 +28,61 @@ def setting(tiny_model, tiny_split):
 
 
 @pytest.mark.parametrize("name", ATTACKS.names())
+def test_an_attacks_class_declares_the_traits_its_instances_have(name):
+    cls = ATTACKS.get(name)
+    attack = build_attack(name, eps=EPS, step=STEP, iterations=ITERS)
+    assert traits(cls) == traits(attack)
+    assert cls.needs_for() == attack.needs
+    assert cls.__doc__ and cls.__doc__.strip(), f"attack '{name}' has no docstring"
+
+
+def test_a_wrapper_takes_its_inner_attacks_traits():
+    transfer = build_attack("transfer", eps=EPS, step=STEP, iterations=ITERS, inner="uap")
+    assert transfer.needs == ATTACKS.get("transfer").needs_for(inner="uap") == ("surrogate", "train")
+    assert transfer.universal and transfer.threat_model == "transfer"
+    for wrapper in ("transfer", "eot", "bpda", "oblivious"):
+        attack = build_attack(wrapper, eps=EPS, step=STEP, iterations=ITERS, inner="sma")
+        assert not attack.uses_identity, wrapper
+        gallery = build_attack(wrapper, eps=EPS, step=STEP, iterations=ITERS, inner="m-ifgsm-gallery")
+        assert gallery.perturbs == "gallery", wrapper
+
+
+def test_planning_a_grid_builds_no_attack(no_attack_built):
+    from reidbench.protocol import load_protocol
+    from reidbench.runner import check_attack_names, undefined_cell
+
+    protocol = load_protocol()
+    check_attack_names(ATTACKS.names())
+    with pytest.raises(ReIDBenchError, match="did you mean 'm-ifgsm'"):
+        check_attack_names(["m-fgsm", "m-ifsgm"])
+    assert not protocol.has_surrogate("synthetic-vi")
+    assert undefined_cell(protocol, "transfer", "synthetic-vi") == \
+        f"protocol {protocol.version} fixes no transfer surrogate for dataset 'synthetic-vi'"
+    assert undefined_cell(protocol, "m-fgsm", "synthetic-vi") is None
+    assert undefined_cell(protocol, "transfer", "synthetic") is None
+
+
+@pytest.mark.parametrize("name", WHITE_BOX)
 def test_white_box_attacks_stay_in_the_ball_are_seeded_and_lower_map(setting, name):
     model, split, queries, ctx = setting
     attack = build_attack(name, eps=EPS, step=STEP, iterations=ITERS, seed=0)
-    if attack.threat_model != "white-box":
-        pytest.skip("not a white-box attack")
     adv = attack(model, queries, ctx)
     assert adv.min() >= 0 and adv.max() <= 1
     assert (adv - queries).abs().max() <= EPS + 1e-6
     again = build_attack(name, eps=EPS, step=STEP, iterations=ITERS, seed=0)(model, queries, ctx)
     assert torch.equal(adv, again)
-    if name in IDENTITY_FREE:
+    if not attack.uses_identity:
+        # It can at best push a query to chance level, and the tiny baseline (trained for
+        # seconds) is not far above chance: the feature must move far from the clean one; the
+        # slow test below checks mAP on the real default.
         with torch.no_grad():
             cosine = (embed(model, adv) * ctx.query_feats).sum(1).mean()
         assert cosine < 0.5, float(cosine)
     else:
+        # A universal δ need only lower mAP on the tiny model; its strength is checked in
+        # tests/test_learned_attacks.py.
         clean, attacked = mean_ap(model, queries, ctx), mean_ap(model, adv, ctx)
-        assert attacked < (clean if name in UNIVERSAL else 0.7 * clean), (clean, attacked)
+        assert attacked < (clean if attack.universal else 0.7 * clean), (clean, attacked)
 
 
 def test_gradients_reach_the_input_through_a_differentiable_transform(setting):
@@ -84,7 +123,7 @@ def test_every_white_box_attack_lowers_the_default_baselines_map(tmp_path):
         record = __import__("json").loads(runner.run_cell(entry, name).read_text())
         # A per-query attack must take a large share of the mAP; one universal δ for every
         # query need only lower it (as in the fast test above).
-        bound = 1.0 if name in UNIVERSAL else 0.7
+        bound = 1.0 if ATTACKS.get(name).universal else 0.7
         assert record["attacked"]["mAP"] < bound * record["clean"]["mAP"], (name, record["clean"], record["attacked"])
 
 

@@ -31,7 +31,7 @@ def grid_zoo(tiny_zoo_file, path: Path) -> Path:
     return path
 
 
-def test_every_model_is_trained_once_before_the_cells_that_need_it(tiny_zoo_file, tmp_path):
+def test_every_model_is_trained_once_before_the_cells_that_need_it(tiny_zoo_file, tmp_path, no_attack_built):
     zoo = load_zoo(grid_zoo(tiny_zoo_file, tmp_path / "zoo.yaml"))
     protocol = load_protocol()
     assert models_needed(zoo, ["tiny-grid", "tiny-grid-rrp"], ["m-fgsm", "sma"], protocol) == {
