@@ -182,7 +182,7 @@ def benchmark(model: Union[nn.Module, str, Path], dataset: Optional[DatasetSpec]
         raise ReIDBenchError(f"benchmark(): eps is in 1/255 units and must lie in (0, 255], got {eps!r}")
     eps_values = None if eps_values is None else [e / 255.0 for e in eps_values]
     attack_names = list(attacks) if attacks is not None else protocol.attacks()
-    check_attack_names(attack_names)
+    check_attack_names(attack_names, protocol)
 
     runner_dataset = None
     provided = None

@@ -195,9 +195,18 @@ def cmd_list(args) -> int:
             print(f"{entry.id}\t{entry.backbone}\t{entry.dataset_name}\t{entry.defense['name']}\t{','.join(entry.suite)}")
         return 0
     registry = {"datasets": DATASETS, "attacks": ATTACKS, "defenses": DEFENSES}[args.what]
+    roles = {}
+    if args.what == "attacks":  # where each attack stands in the current protocol
+        from .protocol import load_protocol
+
+        protocol = load_protocol()
+        groups = protocol.raw.get("attacks", {})
+        roles = {name: f"grid ({group})" for group, names in groups.items() for name in names}
+        roles.update({name: "variant" for name in protocol.variants})
     for name in registry.names():
         doc = (registry.get(name).__doc__ or "").strip().splitlines()
-        print(f"{name}\t{doc[0] if doc else ''}")
+        role = f"{roles.get(name, '-')}\t" if args.what == "attacks" else ""
+        print(f"{name}\t{role}{doc[0] if doc else ''}")
     return 0
 
 

@@ -290,7 +290,7 @@ def _plan(spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]], zoo
 
     zoo = zoo if zoo is not None else load_zoo(spec.zoo)
     protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()
-    check_attack_names(attacks or protocol.attacks())
+    check_attack_names(attacks or protocol.attacks(), protocol)
     return zoo, protocol, models_needed(zoo, entry_ids, attacks or protocol.attacks(), protocol, spec.dataset)
 
 

@@ -22,10 +22,52 @@ CURRENT_VERSION = "v2"
 _TIES = ("index", "pessimistic")
 
 
+#: what the engine implements of the settings a protocol file states; a file asking for
+#: anything else is refused rather than silently run as these
+_SUPPORTED = {"perturbation.norm": ("linf",), "features.distance": ("euclidean",), "perturbed": ("query", "gallery")}
+
+
 @dataclass(frozen=True)
 class Protocol:
     version: str
     raw: dict
+
+    def __post_init__(self):
+        for key, supported in _SUPPORTED.items():
+            section, _, name = key.rpartition(".")
+            value = (self.raw.get(section, {}) if section else self.raw).get(name, supported[0])
+            if value not in supported:
+                raise ReIDBenchError(f"protocol {self.version}: {key} is {value!r}, but reidbench implements "
+                                     f"{' or '.join(map(repr, supported))}")
+
+    @property
+    def norm(self) -> str:
+        """The threat model's norm ball (every attack's ``eps`` bounds it)."""
+        return self.raw["perturbation"].get("norm", "linf")
+
+    @property
+    def distance(self) -> str:
+        """How features are compared (recorded with every cell's conventions)."""
+        return self.raw["features"].get("distance", "euclidean")
+
+    @property
+    def perturbed(self) -> str:
+        """Which side every grid attack perturbs: the query (the gallery stays clean)."""
+        return self.raw.get("perturbed", "query")
+
+    @property
+    def variants(self) -> list[str]:
+        """Registered attacks the protocol names but keeps out of its grid."""
+        return list(self.raw.get("variants", []))
+
+    @property
+    def transfer_attack(self) -> str:
+        """The white-box attack the ``transfer`` attack runs on the surrogate."""
+        return self.raw.get("transfer", {}).get("attack", "m-mifgsm")
+
+    def attack_params(self, name: str) -> dict:
+        """Parameters the protocol fixes for attack ``name`` beyond the budget."""
+        return {"inner": self.transfer_attack} if name == "transfer" else {}
 
     @property
     def eps(self) -> float:

@@ -183,7 +183,7 @@ class Runner:
         """An attack with the protocol's budget; against a stochastic defense, iterative
         white-box attacks average their gradients over the protocol's EOT draws."""
         p = self.protocol
-        attack = build_attack(name, eps=eps, step=p.step, iterations=p.iterations, seed=p.seed)
+        attack = build_attack(name, eps=eps, step=p.step, iterations=p.iterations, seed=p.seed, **p.attack_params(name))
         attack.strengthen(restarts=p.restarts, best_iterate=p.best_iterate)
         if bundle is not None and bundle.model.stochastic and attack.threat_model == "white-box":
             attack.adapt(eot_samples=p.eot_samples)
@@ -364,7 +364,7 @@ class Runner:
         per_query["query_pids"] = split.query.pids.numpy().astype(np.int64)
         if example_rows:
             record["example"] = ranking_example(split, example, example_rows["clean"], example_rows["attacked"])
-        record["conventions"] = {"ap": self.protocol.ap, "distance": "euclidean", "normalized": self.protocol.normalize,
+        record["conventions"] = {"ap": self.protocol.ap, "distance": self.protocol.distance, "normalized": self.protocol.normalize,
                                  "rerank": self.protocol.rerank if self.rerank else None}
         return record, per_query
 
@@ -413,7 +413,7 @@ class Runner:
         (cross-dataset: train on A, test on B; the cells are filed under B); ``attacks`` None:
         the protocol's whole suite (:func:`protocol_grid`). A cell the protocol does not
         define (:func:`undefined_cell`) is skipped with its reason."""
-        check_attack_names(attacks or self.protocol.attacks())
+        check_attack_names(attacks or self.protocol.attacks(), self.protocol)
         paths = []
         cells = list(protocol_grid(self.protocol, entries, attacks, eps_values, dataset["name"] if dataset else None))
         with run_progress(len(cells), "all cells", enabled=self.progress) as advance:
@@ -466,10 +466,19 @@ def undefined_cell(protocol: Protocol, attack_name: str, dataset_name: str) -> O
     return None
 
 
-def check_attack_names(attacks: list[str]) -> None:
-    """Fail on a bad attack name before any work is done."""
+def check_attack_names(attacks: list[str], protocol: Optional[Protocol] = None) -> None:
+    """Fail on a bad attack name before any work is done; with ``protocol``, also on a protocol
+    the registry cannot run as written: a grid attack or variant that is not registered, or a
+    grid attack perturbing another side than the protocol's ``perturbed``."""
     for name in attacks:
         ATTACKS.get(name)
+    if protocol is not None:
+        for name in protocol.variants:
+            ATTACKS.get(name)
+        for name in protocol.attacks():
+            if ATTACKS.get(name).perturbs != protocol.perturbed:
+                raise ReIDBenchError(f"protocol {protocol.version}: grid attack '{name}' perturbs the "
+                                     f"{ATTACKS.get(name).perturbs}, the protocol the {protocol.perturbed}")
 
 
 def input_gradient_zero_share(model: torch.nn.Module, images: torch.Tensor, ctx: AttackContext, normalize: bool) -> float:
