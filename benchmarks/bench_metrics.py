@@ -11,12 +11,13 @@ Script mode, printing the markdown table kept in ``benchmarks/results/metrics.md
 
 What is compared:
 
-* ``evaluate_rank`` against the straightforward NumPy per-query loop (stable argsort of
-  the row with its negatives first -- pessimistic ties --, drop junk / same-camera
-  entries, CMC, AP and INP), on a Market-1501-sized
+* ``evaluate_rank`` against the per-query reference of ``reidbench.metrics.reference``
+  (the one the tests hold it to: stable order of the row with its negatives first --
+  pessimistic ties --, drop junk / same-camera entries, CMC, AP and INP), on a Market-1501-sized
   random problem (3,368 x 15,913 uniform distances, 751 ids with pid 0 as distractors,
   5% junk, 6 cameras), both in the same process on the same data.
-* ``k_reciprocal_rerank`` against a loop implementation with the data layout of the
+* ``k_reciprocal_rerank`` against the reference re-ranking of ``reidbench.metrics.reference``
+  (the one the tests hold it to), a loop implementation with the data layout of the
   authors' Python code (dense (Q+G)^2 float32 distance, rank and encoding matrices, a
   Python loop per row, an inverted index built from the dense encoding), on clustered
   random features of Market size (3,368 + 15,913 images of 751 identities).
@@ -55,6 +56,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from reidbench.metrics import evaluate_rank, k_reciprocal_rerank, pairwise_distance  # noqa: E402
+from reidbench.metrics.reference import reference_rank, reference_rerank  # noqa: E402
 
 MARKET_RANK = dict(Q=3368, G=15913, ids=751, cams=6)
 MSMT_RANK = dict(Q=11659, G=82161, ids=3060, cams=15)
@@ -92,74 +94,13 @@ def feature_problem(Q: int, G: int, ids: int, dim: int = 64, seed: int = 0):
 
 
 def numpy_loop_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50):
-    """The straightforward evaluation: per query, a stable argsort of the whole row with its
-    negatives placed first (so that a positive tied with a negative ranks after it), then
-    the protocol's filtering and the metrics on the filtered match vector."""
-    distmat = np.asarray(distmat)
-    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
-    q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
-    all_cmc, all_ap, all_inp = [], [], []
-    for q in range(distmat.shape[0]):
-        negatives_first = np.argsort(g_pids == q_pids[q], kind="stable")
-        order = negatives_first[np.argsort(distmat[q][negatives_first], kind="stable")]
-        pids, cams = g_pids[order], g_camids[order]
-        keep = (pids != -1) & ~((pids == q_pids[q]) & (cams == q_camids[q]))
-        matches = pids[keep] == q_pids[q]
-        if not matches.any():
-            continue
-        hits = np.flatnonzero(matches)
-        cmc = matches.cumsum()[:max_rank] > 0
-        all_cmc.append(np.pad(cmc, (0, max_rank - cmc.size), mode="edge"))
-        all_ap.append(np.mean(np.arange(1, hits.size + 1) / (hits + 1)))
-        all_inp.append(hits.size / (hits[-1] + 1))
-    return np.mean(all_cmc, axis=0), float(np.mean(all_ap)), float(np.mean(all_inp))
+    """The reference evaluation (:func:`reidbench.metrics.reference.reference_rank`) as the
+    baseline: (cmc, mAP, mINP)."""
+    out = reference_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
+    return out["cmc"], float(out["mAP"]), float(out["mINP"])
 
 
-def loop_rerank(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
-    """k-reciprocal re-ranking (Zhong et al., CVPR 2017) with the data layout and control
-    flow of the authors' Python code -- dense (Q+G)^2 float32 matrices for the normalized
-    distance, the full ranking and the encoding, a Python loop per row, an inverted index
-    built column by column from the dense encoding -- re-implemented here as the baseline."""
-    q_g, q_q, g_g = (np.asarray(m) for m in (q_g, q_q, g_g))
-    Q = q_g.shape[0]
-    N = Q + q_g.shape[1]
-    dist = np.concatenate([np.concatenate([q_q, q_g], 1), np.concatenate([q_g.T, g_g], 1)], 0)
-    dist = np.square(dist).astype(np.float32)
-    dist = np.transpose(dist / dist.max(axis=0))
-    ranking = np.argsort(dist, axis=1).astype(np.int32)
-    half = int(np.around(k1 / 2))
-
-    def reciprocal(i: int, k: int) -> np.ndarray:
-        forward = ranking[i, : k + 1]
-        return forward[(ranking[forward, : k + 1] == i).any(axis=1)]
-
-    V = np.zeros((N, N), dtype=np.float32)
-    for i in range(N):
-        near = reciprocal(i, k1)
-        members = [near]
-        for c in near:
-            cand = reciprocal(c, half)
-            if len(np.intersect1d(cand, near)) > 2 / 3 * len(cand):
-                members.append(cand)
-        cols = np.unique(np.concatenate(members))
-        w = np.exp(-dist[i, cols])
-        V[i, cols] = w / w.sum()
-    dist = dist[:Q]
-    if k2 != 1:
-        expanded = np.zeros_like(V)
-        for i in range(N):
-            expanded[i] = V[ranking[i, :k2]].mean(axis=0)
-        V = expanded
-    del ranking
-    postings = [np.flatnonzero(V[:, k]) for k in range(N)]
-    out = np.zeros((Q, N), dtype=np.float32)
-    for i in range(Q):
-        overlap = np.zeros(N, dtype=np.float32)
-        for k in np.flatnonzero(V[i]):
-            rows = postings[k]
-            overlap[rows] += np.minimum(V[i, k], V[rows, k])
-        out[i] = 1 - overlap / (2 - overlap)
-    return (out * (1 - lambda_value) + dist * lambda_value)[:, Q:]
+loop_rerank = reference_rerank  # the authors' layout, row by row: the re-ranking baseline
 
 
 # ------------------------------------------------------------------ subprocess workers

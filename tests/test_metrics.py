@@ -1,4 +1,5 @@
-"""evaluate_rank against a plain per-query reference, and pairwise_distance against cdist."""
+"""evaluate_rank against the per-query reference (reidbench.metrics.reference), and
+pairwise_distance against cdist."""
 
 from __future__ import annotations
 
@@ -11,55 +12,7 @@ import torch
 import reidbench.metrics.rank as rank_module
 from reidbench.errors import ReIDBenchError
 from reidbench.metrics import RankResult, evaluate_rank, pairwise_distance
-
-
-def brute_force_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, ap, ties="pessimistic"):
-    """Textbook Market-1501 evaluation, one query at a time (no shortcuts)."""
-    distmat = np.asarray(distmat, dtype=np.float64)
-    per_ap, per_inp, first_hits = [], [], []
-    for q in range(distmat.shape[0]):
-        if ties == "pessimistic":
-            # by distance, then negatives (False) before positives (True)
-            order = np.lexsort((np.asarray(g_pids) == q_pids[q], distmat[q]))
-        else:
-            order = np.argsort(distmat[q], kind="stable")  # ties -> lower gallery index first
-        ranked = []
-        for g in order:
-            if g_pids[g] == -1:
-                continue  # junk
-            if g_pids[g] == q_pids[q] and g_camids[g] == q_camids[q]:
-                continue  # same person seen by the same camera
-            ranked.append(g_pids[g] == q_pids[q])
-        hits = [pos for pos, is_match in enumerate(ranked) if is_match]
-        if not hits:
-            per_ap.append(math.nan)
-            per_inp.append(math.nan)
-            first_hits.append(-1)
-            continue
-        n = len(hits)
-        if ap == "noninterp":
-            value = sum((i + 1) / (p + 1) for i, p in enumerate(hits)) / n
-        else:  # the official Market-1501 MATLAB code
-            value = 0.0
-            for i, p in enumerate(hits, start=1):
-                old_precision = (i - 1) / p if p > 0 else 1.0
-                value += (old_precision + i / (p + 1)) / 2 / n
-        per_ap.append(value)
-        per_inp.append(n / (hits[-1] + 1))
-        first_hits.append(hits[0])
-    first_hits = np.array(first_hits)
-    valid = first_hits >= 0
-    n_valid = max(int(valid.sum()), 1)
-    cmc = np.array([(first_hits[valid] <= r).sum() / n_valid for r in range(max_rank)])
-    return {
-        "cmc": cmc,
-        "mAP": np.nansum(per_ap) / n_valid,
-        "mINP": np.nansum(per_inp) / n_valid,
-        "per_query_ap": np.array(per_ap),
-        "per_query_inp": np.array(per_inp),
-        "first_hit": first_hits,
-        "valid": valid,
-    }
+from reidbench.metrics.reference import reference_rank
 
 
 def random_case(seed):
@@ -100,7 +53,7 @@ def assert_matches(result: RankResult, expected):
 @pytest.mark.parametrize("seed", range(60))
 def test_matches_brute_force(seed, ap, ties):
     dist, qp, gp, qc, gc, max_rank = random_case(seed)
-    expected = brute_force_rank(dist, qp, gp, qc, gc, max_rank, ap, ties)
+    expected = reference_rank(dist, qp, gp, qc, gc, max_rank, ap, ties)
     if not expected["valid"].any():
         with pytest.raises(ReIDBenchError, match="no query has a valid match"):
             evaluate_rank(dist, qp, gp, qc, gc, max_rank=max_rank, ap=ap, ties=ties)
@@ -117,7 +70,7 @@ def test_torch_kernels_match_brute_force(seed, ties, monkeypatch):
     # The batched torch path (what runs on an accelerator), exercised on the CPU.
     monkeypatch.setattr(rank_module, "NUMPY_KERNELS", False)
     dist, qp, gp, qc, gc, max_rank = random_case(seed)
-    expected = brute_force_rank(dist, qp, gp, qc, gc, max_rank, "noninterp", ties)
+    expected = reference_rank(dist, qp, gp, qc, gc, max_rank, "noninterp", ties)
     if expected["valid"].any():
         assert_matches(evaluate_rank(dist, qp, gp, qc, gc, max_rank=max_rank, ties=ties, chunk=3), expected)
 
@@ -133,7 +86,7 @@ def test_larger_problem_with_heavy_ties():
     dist = np.round(rng.random((Q, G)), 2)
     for ap in ("noninterp", "trapezoid"):
         for ties in ("pessimistic", "index"):
-            expected = brute_force_rank(dist, qp, gp, qc, gc, 50, ap, ties)
+            expected = reference_rank(dist, qp, gp, qc, gc, 50, ap, ties)
             assert_matches(evaluate_rank(dist, qp, gp, qc, gc, ap=ap, ties=ties), expected)
 
 
@@ -156,7 +109,7 @@ def test_positives_early_or_late_in_long_rows(where):
     for ap in ("noninterp", "trapezoid"):
         for ties in ("pessimistic", "index"):
             assert_matches(evaluate_rank(dist, qp, gp, qc, gc, ap=ap, ties=ties),
-                           brute_force_rank(dist, qp, gp, qc, gc, 50, ap, ties))
+                           reference_rank(dist, qp, gp, qc, gc, 50, ap, ties))
 
 
 def test_hand_computed_example():
@@ -272,7 +225,7 @@ def test_infinite_distances_are_ranked_last():
     qp, gp = [1, 2], [1, 2, 3, 1]
     qc, gc = [0, 0], [1, 1, 1, 1]
     r = evaluate_rank(dist, qp, gp, qc, gc, max_rank=4)
-    e = brute_force_rank(dist, qp, gp, qc, gc, 4, "noninterp")
+    e = reference_rank(dist, qp, gp, qc, gc, 4, "noninterp")
     assert_matches(r, e)
 
 

@@ -1,4 +1,5 @@
-"""k_reciprocal_rerank against a plain, loop-based implementation of Zhong et al. (CVPR 2017)."""
+"""k_reciprocal_rerank against the loop-based reference of Zhong et al. (CVPR 2017) in
+reidbench.metrics.reference."""
 
 from __future__ import annotations
 
@@ -9,51 +10,7 @@ import torch
 import reidbench.metrics.rank as rank_module
 from reidbench.errors import ReIDBenchError
 from reidbench.metrics import evaluate_rank, k_reciprocal_rerank, pairwise_distance
-
-
-def reference_rerank(q_g, q_q, g_g, k1, k2, lambda_value):
-    """k-reciprocal re-ranking written out step by step, following the behaviour of the
-    authors' published Python code: squared distances normalized by the maximum of each
-    column of the stacked (Q+G)^2 matrix and transposed; a full stable ranking of every
-    row; k-reciprocal sets from k1 + 1 neighbours, expanded by the round(k1/2) sets of
-    their members; exp(-d) weights summing to 1; query expansion over the k2 nearest rows;
-    Jaccard distance 1 - m / (2 - m) with m the sum of element-wise minima."""
-    Q, G = q_g.shape
-    N = Q + G
-    stacked = np.block([[q_q, q_g], [q_g.T, g_g]])
-    squared = (stacked * stacked).astype(np.float32)
-    dist = (squared / squared.max(axis=0)).T  # row i is column i, normalized by its max
-    ranking = np.argsort(dist, axis=1, kind="stable")
-
-    def reciprocal(i, k):
-        near = ranking[i, : k + 1]
-        return {int(j) for j in near if i in ranking[j, : k + 1]}
-
-    half = int(np.round(k1 / 2))  # NumPy rounds half to even
-    full_sets = [reciprocal(i, k1) for i in range(N)]
-    half_sets = [reciprocal(i, half) for i in range(N)]
-
-    V = np.zeros((N, N), dtype=np.float32)
-    for i in range(N):
-        members = set(full_sets[i])
-        for c in full_sets[i]:
-            candidate = half_sets[c]
-            if len(candidate & full_sets[i]) > 2 / 3 * len(candidate):
-                members |= candidate
-        if not members:  # possible when a row is not its own nearest neighbour
-            continue
-        cols = np.array(sorted(members))
-        weights = np.exp(-dist[i, cols])
-        V[i, cols] = weights / weights.sum()
-    if k2 != 1:
-        V = np.stack([V[ranking[i, :k2]].mean(axis=0) for i in range(N)]).astype(np.float32)
-
-    out = np.empty((Q, G), dtype=np.float32)
-    for i in range(Q):
-        overlap = np.minimum(V[i], V[Q:]).sum(axis=1)
-        jaccard = 1 - overlap / (2 - overlap)
-        out[i] = jaccard * (1 - lambda_value) + dist[i, Q:] * lambda_value
-    return out
+from reidbench.metrics.reference import reference_rerank
 
 
 def clustered(n_query, n_gallery, n_clusters, dim, seed, spread=1.0):
