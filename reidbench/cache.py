@@ -21,6 +21,7 @@ committed); their per-query ``.npz`` is checked against the hash its JSON record
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -79,6 +80,29 @@ def sidecar(path: Path) -> Path:
 Writer = Union[bytes, Callable[[Path], None]]
 
 
+def _remove_orphans(path: Path) -> None:
+    """Temporary files of ``path`` left by writers that were killed (SIGKILL, power loss: no
+    ``finally`` ran): a checkpoint's worth of disk each, removed by the next write."""
+    for orphan in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = orphan.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            for leftover in (orphan, sidecar(orphan)):
+                try:
+                    leftover.unlink(missing_ok=True)
+                except OSError:
+                    pass  # someone else's to clean; the write itself goes on
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive, not ours to judge
+        return True
+    return True
+
+
 def atomic_write(path: Path, data: Writer, best_effort: bool = False, check: bool = True,
                  fsync: bool = True) -> Optional[dict]:
     """Write ``data`` (bytes, or a function writing the file at the path it is given) to
@@ -93,6 +117,7 @@ def atomic_write(path: Path, data: Writer, best_effort: bool = False, check: boo
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(path)
         if isinstance(data, (bytes, bytearray, memoryview)):
             with open(tmp, "wb") as fh:
                 fh.write(data)

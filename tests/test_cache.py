@@ -1,6 +1,7 @@
 """The cache survives corruption: every damaged artefact is one warning line and a rebuild."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -200,3 +201,23 @@ def test_damaged_hub_weights_are_fetched_again(tmp_path, loud, monkeypatch, caps
     assert download_hub_weights(entry) == good and calls == [False, True]
     (line,) = warning_lines(capsys.readouterr().err)
     assert f"corrupt cached hub weights {bad}" in line and "fetching them again" in line
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    from reidbench.cache import atomic_write, sidecar
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    target = tmp_path / "model.safetensors"
+    orphan = tmp_path / f".model.safetensors.{int(dead.stdout)}.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    sidecar(orphan).write_text("{}")
+    other = tmp_path / f".other.safetensors.{int(dead.stdout)}.tmp"  # another file's: not this write's business
+    other.write_bytes(b"x")
+    alive = tmp_path / f".model.safetensors.{os.getppid()}.tmp"  # a running writer's: kept
+    alive.write_bytes(b"in progress")
+    atomic_write(target, b"whole")
+    assert target.read_bytes() == b"whole" and alive.exists()
+    assert not orphan.exists() and not sidecar(orphan).exists() and other.exists()
