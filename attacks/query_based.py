@@ -51,11 +51,11 @@ class RankQuerySignHunter(Attack):
     1 the schedule restarts at ``h = 0``. As in the paper the search starts from
     ``s = +1`` (a uniform brightness shift), so the attack is deterministic and draws
     nothing from ``ctx.generator``. Starting from
-    random signs instead was clearly weaker on the tiny baseline (mAP 0.141 → 0.114 vs
-    0.076 after 100 queries), presumably because block flips of random signs remain
-    high-frequency noise while flips of a constant start build blocky, low-frequency
-    patterns. Ties are rejected, as in the paper; accepting them made no difference there
-    (0.074 vs 0.076).
+    random signs instead lowered mAP clearly less on the tiny baseline when this attack was
+    written (a one-off comparison, not kept as a benchmark), presumably because block flips of
+    random signs remain high-frequency noise while flips of a constant start build blocky,
+    low-frequency patterns. Ties are rejected, as in the paper (accepting them made no
+    visible difference in that comparison).
 
     **Batching.** All queries of a batch move in lockstep through the same schedule, so
     each step is one oracle call carrying one candidate per still-active query; the runner

@@ -55,8 +55,8 @@ split hash, the feature network's weights and every parameter that decides them)
   betas (0.5, 0.999): the pix2pix / CycleGAN convention), ``mpg_batch`` anchors drawn
   uniformly, at the dataset's image size, seeded by ``seed``.
 * [ours] The defaults are the CPU preset (M = 2, G of width 16 with 2 residual blocks, D of
-  width 16, 500 steps of 16 anchors: about 0.45 s a step on one core at 64×32 with a
-  ResNet-18 feature net, so stage 1 takes about 4 minutes); the GPU zoo entry is larger.
+  width 16, 500 steps of 16 anchors; its cost is in benchmarks/results/seed-defenses.md);
+  the GPU zoo entry is larger.
 
 **Stage 2, SP-Net** (:mod:`.spnet`, ``model: {head: apd-split}``).
 
