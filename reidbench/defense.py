@@ -155,7 +155,9 @@ class DefendedModel(nn.Module):
         defense's BPDA surrogate (identity when it names none): Athalye et al., ICML 2018."""
         if self.transform is None:
             return self
-        return DefendedModel(self.model, self.defense, BPDA(self.transform, self.defense.bpda_surrogate()))
+        # In this model's mode: a new module starts in train mode, and an attack restores the
+        # mode it found on the wrapper onto the shared network (Attack.__call__).
+        return DefendedModel(self.model, self.defense, BPDA(self.transform, self.defense.bpda_surrogate())).train(self.training)
 
     @property
     def stochastic(self) -> bool:

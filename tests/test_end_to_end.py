@@ -185,3 +185,19 @@ def test_a_cell_is_keyed_by_the_defense_it_ran_not_by_how_the_entry_spelled_it(t
 
     assert key("") == key(", bpda: differentiable")  # the default, spelled out or not
     assert key("") != key(", bpda: identity")
+
+
+def test_a_bpda_cell_leaves_the_defended_model_in_eval_mode_for_the_next_cell(tiny_zoo_file, tiny_model, tmp_path):
+    """The white-box attack on a non-differentiable defense runs on a BPDA wrapper around the
+    same network; restoring the wrapper's mode must not put the shared network in train mode
+    (its train-mode output is not an embedding: the default suite's jpeg row once crashed so)."""
+    from conftest import zoo_with_borrower
+    from reidbench.runner import Runner
+    from reidbench.zoo import load_zoo
+
+    zoo = load_zoo(zoo_with_borrower(tiny_zoo_file, tmp_path / "zoo.yaml", "tiny-jpeg", "jpeg"))
+    runner = Runner(zoo, results_root=tmp_path / "results", device="cpu", train_missing=False, rerank=False,
+                    progress=False)
+    paths = runner.run([zoo["tiny-jpeg"]], ["m-fgsm", "fna"])
+    assert len(paths) == 2
+    assert not runner.bundle(zoo["tiny-jpeg"]).model.model.training
