@@ -81,7 +81,7 @@ def test_killed_during_training_then_during_a_cell_it_resumes_and_ends_as_an_uni
     results = tmp_path / "run" / "results"
 
     # 1. Killed after an epoch's checkpoint, before the last epoch.
-    kill_when(args, env, lambda: any(cache.glob("weights/*/last.safetensors")))
+    kill_when(args, env, lambda: any(cache.glob("weights/*/last_state.pt")))  # the state is saved after the weights
     assert not any(cache.glob("weights/*/model.safetensors")) and not results.exists()
 
     # 2. Run again: training resumes from the checkpoint; killed once the first cell is written.
