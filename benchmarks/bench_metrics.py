@@ -100,9 +100,6 @@ def numpy_loop_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int =
     return out["cmc"], float(out["mAP"]), float(out["mINP"])
 
 
-loop_rerank = reference_rerank  # the authors' layout, row by row: the re-ranking baseline
-
-
 # ------------------------------------------------------------------ subprocess workers
 
 
@@ -153,7 +150,7 @@ def worker(name: str, save: str | None = None) -> dict:
         mats = feature_problem(**sizes)
         if name.endswith("_loop"):
             mats = tuple(m.numpy() for m in mats)
-            fn = lambda: loop_rerank(*mats)  # noqa: E731
+            fn = lambda: reference_rerank(*mats)  # noqa: E731
         else:
             fn = lambda: k_reciprocal_rerank(*mats)  # noqa: E731
         before = _rss_now_mb()
@@ -202,7 +199,7 @@ def test_rerank_small_vs_loop(benchmark):
     mats = feature_problem(**SMALL_FEATURES)
     out = benchmark.pedantic(k_reciprocal_rerank, args=mats, rounds=3, iterations=1)
     t0 = time.perf_counter()
-    ref = loop_rerank(*(m.numpy() for m in mats))
+    ref = reference_rerank(*(m.numpy() for m in mats))
     loop_s = time.perf_counter() - t0
     assert np.abs(out.numpy() - ref).max() < 1e-5
     benchmark.extra_info["loop_s"] = loop_s

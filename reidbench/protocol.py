@@ -34,26 +34,25 @@ class Protocol:
 
     def __post_init__(self):
         for key, supported in _SUPPORTED.items():
-            section, _, name = key.rpartition(".")
-            value = (self.raw.get(section, {}) if section else self.raw).get(name, supported[0])
+            value = self._setting(key)
             if value not in supported:
                 raise ReIDBenchError(f"protocol {self.version}: {key} is {value!r}, but reidbench implements "
                                      f"{' or '.join(map(repr, supported))}")
 
-    @property
-    def norm(self) -> str:
-        """The threat model's norm ball (every attack's ``eps`` bounds it)."""
-        return self.raw["perturbation"].get("norm", "linf")
+    def _setting(self, key: str) -> str:
+        """A setting of :data:`_SUPPORTED` (``section.name``), its first supported value when unset."""
+        section, _, name = key.rpartition(".")
+        return (self.raw.get(section, {}) if section else self.raw).get(name, _SUPPORTED[key][0])
 
     @property
     def distance(self) -> str:
         """How features are compared (recorded with every cell's conventions)."""
-        return self.raw["features"].get("distance", "euclidean")
+        return self._setting("features.distance")
 
     @property
     def perturbed(self) -> str:
         """Which side every grid attack perturbs: the query (the gallery stays clean)."""
-        return self.raw.get("perturbed", "query")
+        return self._setting("perturbed")
 
     @property
     def variants(self) -> list[str]:

@@ -476,9 +476,10 @@ def check_attack_names(attacks: list[str], protocol: Optional[Protocol] = None) 
         for name in protocol.variants:
             ATTACKS.get(name)
         for name in protocol.attacks():
-            if ATTACKS.get(name).perturbs != protocol.perturbed:
+            side = ATTACKS.get(name).perturbs
+            if side != protocol.perturbed:
                 raise ReIDBenchError(f"protocol {protocol.version}: grid attack '{name}' perturbs the "
-                                     f"{ATTACKS.get(name).perturbs}, the protocol the {protocol.perturbed}")
+                                     f"{side}, the protocol the {protocol.perturbed}")
 
 
 def input_gradient_zero_share(model: torch.nn.Module, images: torch.Tensor, ctx: AttackContext, normalize: bool) -> float:

@@ -14,14 +14,9 @@ import pytest
 
 from reidbench.results import cell_intact, read_cell
 
-ZOO = """
-- id: tiny-none
-  backbone: resnet10t
-  dataset: {name: synthetic, preset: tiny}
-  defense: none
-  model: {input_size: [64, 32], last_stride: 1}
-  recipe: {epochs: 8, batch: {p: 8, k: 4}, lr: 1.0e-3, warmup_epochs: 1, random_erasing: 0.0}
-"""
+from conftest import TINY_ZOO
+
+ZOO = TINY_ZOO.replace("epochs: 30", "epochs: 8")  # a few checkpoints to kill between
 ATTACKS = ["m-fgsm", "m-ifgsm", "fna", "odfa"]
 
 
