@@ -22,7 +22,7 @@ import torch
 import defenses  # noqa: F401
 from reidbench.defense import TrainBatch, build_defense
 from reidbench.models import ReIDModel
-from reidbench.train import Recipe
+from reidbench.train.loop import Recipe
 
 DEFENSES = ["none", "jad", "at", "goat", "goat-sma", "goat-fna"]
 

@@ -5,7 +5,7 @@ results, leaderboard, CLI); the catalogs of attacks and defenses live in the top
 packages ``attacks`` and ``defenses``.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["benchmark", "__version__"]
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .errors import ReIDBenchError
 from .registry import DEFENSES
+from .train.losses import reid_loss
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,8 +90,6 @@ class Defense:
     def training_loss(self, model: nn.Module, batch: TrainBatch, recipe) -> tuple[torch.Tensor, dict]:
         """The loss minimised on the batch whose images :meth:`training_batch` returned, and
         the named terms to log; the default is the standard ReID loss."""
-        from .train.losses import reid_loss
-
         return reid_loss(model, batch.images, batch.pids, recipe)
 
     def training_state(self) -> dict:

@@ -19,7 +19,7 @@ from typing import Optional
 
 import yaml
 
-from . import __version__
+from .version import __version__
 from .errors import ReIDBenchError, first_line
 from .cache import sha256_file
 from .zoo.schema import ZooEntry, training_entry

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from . import __version__
+from .version import __version__
 from .attack import Attack, AttackContext, RankOracle, SurrogateView, TrainView, build_attack
 from .data import build_dataset
 from .data.split import ReIDSplit, query_subset

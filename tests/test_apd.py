@@ -20,7 +20,7 @@ from reidbench.defense import TrainBatch, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.models import ReIDModel, build_model
 from reidbench.registry import DEFENSES
-from reidbench.train import Recipe
+from reidbench.train.loop import Recipe
 
 SPLIT_MODEL = {"backbone": "resnet10t", "input_size": [32, 16], "head": "apd-split"}
 TINY_MPG = {"gen_width": 4, "gen_blocks": 1, "disc_width": 4, "mpg_batch": 4, "negatives": 2, "mpg_lr": 1e-3}
@@ -284,7 +284,7 @@ def test_nk_classifier_target_is_the_negatives_identity(monkeypatch):
 
 
 def test_a_few_ssd_training_steps_lower_the_loss(tiny_split, tmp_path):
-    from reidbench.train import train_model
+    from reidbench.train.loop import train_model
 
     torch.manual_seed(0)
     model = build_model(SPLIT_MODEL, num_classes=tiny_split.num_train_ids)

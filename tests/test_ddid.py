@@ -15,7 +15,7 @@ from reidbench.defense import TrainBatch, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.models import ReIDModel
 from reidbench.registry import DEFENSES
-from reidbench.train import Recipe
+from reidbench.train.loop import Recipe
 
 # A DDPM small enough for a unit test: two levels of 8 channels, 32x16 images.
 TINY_DDPM = dict(ddpm_size=[32, 16], ddpm_channels=8, ddpm_levels=[1, 2], ddpm_timesteps=20, ddpm_batch=16,

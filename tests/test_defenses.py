@@ -235,7 +235,7 @@ def test_inner_attack_leaves_batch_norm_statistics_alone_by_default(tiny_model):
 @pytest.mark.parametrize("name", TRAINING)
 def test_each_defense_trains_a_few_steps_and_lowers_its_loss(name, tiny_split, tmp_path):
     from reidbench.models import build_model
-    from reidbench.train import Recipe, train_model
+    from reidbench.train.loop import Recipe, train_model
 
     torch.manual_seed(0)
     model = build_model({"backbone": "resnet10t", "input_size": [32, 16]}, num_classes=tiny_split.num_train_ids)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import defenses  # noqa: F401  (registers every defense)
 from reidbench.defense import TrainBatch, build_defense
 from reidbench.errors import ReIDBenchError
-from reidbench.train import Recipe
+from reidbench.train.loop import Recipe
 from reidbench.train.losses import reid_terms
 
 

@@ -163,7 +163,7 @@ def test_trained_entry_starts_from_the_pinned_file(tmp_path, monkeypatch):
     def stop(*args, **kwargs):
         raise Stop
 
-    monkeypatch.setattr("reidbench.train.train_model", stop)
+    monkeypatch.setattr("reidbench.train.loop.train_model", stop)
     monkeypatch.setenv("REIDBENCH_CACHE", str(tmp_path / "cache"))
     entry = zoo_module.ZooEntry(
         id="m", backbone="mobilenetv2_100", dataset={"name": "synthetic", "preset": "tiny"}, defense={"name": "none"},

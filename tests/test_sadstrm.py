@@ -16,7 +16,7 @@ from reidbench.defense import TrainBatch, build_defense
 from reidbench.errors import ReIDBenchError
 from reidbench.models import build_model, check_model_fits
 from reidbench.runner import Runner
-from reidbench.train import Recipe, train_model
+from reidbench.train.loop import Recipe, train_model
 from reidbench.train.augment import random_erasing, random_pad_crop
 from reidbench.train.loop import relabel
 from reidbench.zoo import load_zoo

@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 
 from reidbench.errors import ReIDBenchError
 from reidbench.models import ReIDModel
-from reidbench.train import Recipe, train_model
+from reidbench.train.loop import Recipe, train_model
 from reidbench.train.augment import random_erasing, random_flip, random_pad_crop
 from reidbench.train.losses import batch_hard_triplet
 

@@ -91,7 +91,7 @@ def probe_step_seconds(defense_spec: dict, size, p: int, k: int, num_classes: in
     step), through the defense's own batch and loss hooks, as the shared loop runs them."""
     from reidbench.defense import TrainBatch, build_defense
     from reidbench.models import build_model
-    from reidbench.train import Recipe
+    from reidbench.train.loop import Recipe
 
     model = build_model({"backbone": BACKBONE, "input_size": list(size), "last_stride": 1}, num_classes=num_classes).to(device)
     defense = build_defense(defense_spec)

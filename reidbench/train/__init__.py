@@ -1,5 +1,8 @@
-"""The one training loop every defense reuses."""
+"""The one training loop every defense reuses (:mod:`.loop`), its losses (:mod:`.losses`) and
+augmentations (:mod:`.augment`).
 
-from .loop import Recipe, TrainResult, train_model
-
-__all__ = ["Recipe", "TrainResult", "train_model"]
+Nothing is re-exported here: :mod:`reidbench.defense` builds its default loss on
+:mod:`.losses`, and the loop takes a :class:`~reidbench.defense.Defense`, so a package ``__init__``
+that imported the loop would close an import cycle. Import ``reidbench.train.loop`` for
+``Recipe``, ``TrainResult`` and ``train_model``.
+"""

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from ..cache import atomic_write, fingerprint, load_verified, save_safetensors, save_torch
 from ..data.sampler import PKSampler
 from ..data.split import ReIDSubset, TrackletSubset
+from ..defense import Defense, TrainBatch
 from ..errors import ReIDBenchError
 from ..progress import console, log, progress_bar
 from .augment import random_erasing, random_flip, random_pad_crop
@@ -146,8 +147,6 @@ def train_model(
     After every epoch ``last.safetensors`` + ``last_state.pt`` are written atomically; a
     rerun with the same recipe and ``run_key`` resumes after the last finished epoch.
     """
-    from ..defense import Defense, TrainBatch
-
     defense = defense or Defense()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ def train_entry(entry: ZooEntry, split=None, device: str = "cpu", progress: bool
     from ..data import build_dataset
     from ..defense import build_defense
     from ..models import build_model, check_model_fits
-    from ..train import Recipe, train_model
+    from ..train.loop import Recipe, train_model
 
     if entry.is_onnx:
         raise ReIDBenchError(f"'{entry.id}' is an imported ONNX model; reidbench cannot train it")
