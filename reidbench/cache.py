@@ -161,7 +161,31 @@ def save_safetensors(state: dict, path: Path, metadata: Optional[dict] = None, b
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), best_effort=best_effort)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _canonical_header(tmp)
+
+    return atomic_write(path, write, best_effort=best_effort)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted. The library writes them from
+    a hash map, in an order that changes from one call to the next, so the same weights and
+    metadata gave files with different bytes, and the weights' sha256 that every record
+    carries changed with it. The data section is untouched (its offsets are relative to it)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        # the same JSON with keys reordered has the same length, so it fits the same padded slot
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise ValueError(f"safetensors header grew when canonicalised ({len(text)} > {size} bytes)")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 # Files already checked in this process, by (path, size, mtime): hashing a large decoded

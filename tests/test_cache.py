@@ -221,3 +221,24 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     atomic_write(target, b"whole")
     assert target.read_bytes() == b"whole" and alive.exists()
     assert not orphan.exists() and not sidecar(orphan).exists() and other.exists()
+
+
+def test_save_safetensors_bytes_do_not_depend_on_the_metadata_order(tmp_path):
+    """The weights' sha256 goes into every record: the same tensors and metadata assembled in
+    another order must give the same file (they did not, when two code paths built the dict)."""
+    import torch
+
+    from reidbench.cache import save_safetensors, sha256_file
+
+    from safetensors import safe_open
+
+    state = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}
+    metadata = {"entry": "x", "key": "k", "history": '[{"loss": 1.5}]', "recipe": "é", "dataset": "d"}
+    digests = set()
+    for i, order in enumerate([list(metadata), list(reversed(metadata))] * 3):  # the library's order varies per call
+        path = tmp_path / f"{i}.safetensors"
+        save_safetensors(state, path, metadata={k: metadata[k] for k in order})
+        digests.add(sha256_file(path))
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata() == metadata and torch.equal(f.get_tensor("w"), state["w"])
+    assert len(digests) == 1
