@@ -21,16 +21,25 @@ import torch
 
 from reidbench.attack import AttackContext, build_attack
 from reidbench.features import embed
-from reidbench.models import ReIDModel
+from reidbench.models import build_model
 from reidbench.registry import ATTACKS
+from reidbench.zoo import load_zoo
 
-BATCH, ITERS, GALLERY, DIM = 128, 15, 1000, 512
+BATCH, ITERS, GALLERY = 128, 15, 1000
 
 
-def setting(backbone="resnet18", size=(64, 32)):
+def default_baseline_spec() -> dict:
+    """The network the default suite attacks most: its undefended baseline's model spec, read
+    from the zoo so that the benchmark follows the default scale when it changes."""
+    entry = next(e for e in load_zoo().values() if "default" in e.suite and e.defense["name"] == "none")
+    return entry.model_spec()
+
+
+def setting(spec=None):
     torch.manual_seed(0)
-    model = ReIDModel(backbone, input_size=size).eval()
-    queries = torch.rand(BATCH, 3, *size)
+    spec = spec or default_baseline_spec()
+    model = build_model(spec).eval()
+    queries = torch.rand(BATCH, 3, *spec["input_size"])
     with torch.no_grad():
         q_feats = embed(model, queries)
     g_feats = torch.nn.functional.normalize(torch.randn(GALLERY, q_feats.shape[1]), dim=1)
@@ -116,7 +125,8 @@ if __name__ == "__main__":
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"setting: resnet18 at 64x32, batch {BATCH}, {ITERS} iterations, gallery {GALLERY}\n")
+    print(f"setting: {default_baseline_spec()} (random weights), batch {BATCH}, {ITERS} iterations, "
+          f"gallery {GALLERY}\n")
     print("| attack | passes (fwd+bwd / fwd) | floor (s) | attack (s) | overhead |")
     print("| --- | --- | --- | --- | --- |")
     for name in sys.argv[1:] or iterative_attacks():
