@@ -8,8 +8,9 @@ batch; everything else (guides, projection, sign, clipping, momentum) is overhea
 table reports attack time / floor time.
 
     python -m pytest benchmarks/bench_attacks.py --benchmark-enable -o addopts="" -p no:cacheprovider
-    python benchmarks/bench_attacks.py          # prints the markdown table for benchmarks/results/
-                                                # (every iterative white-box attack, or those named)
+    python benchmarks/bench_attacks.py [--rounds N] [ATTACK ...]   # the markdown table for
+                                                # benchmarks/results/ (every iterative white-box attack,
+                                                # or those named; best of N interleaved rounds, default 10)
 """
 
 from __future__ import annotations
@@ -129,7 +130,13 @@ if __name__ == "__main__":
           f"gallery {GALLERY}\n")
     print("| attack | passes (fwd+bwd / fwd) | floor (s) | attack (s) | overhead |")
     print("| --- | --- | --- | --- | --- |")
-    for name in sys.argv[1:] or iterative_attacks():
-        passes, floor, attack = interleaved_ratio(name)
+    args = sys.argv[1:]
+    rounds = 10
+    if "--rounds" in args:
+        at = args.index("--rounds")
+        rounds = int(args[at + 1])
+        del args[at:at + 2]
+    for name in args or iterative_attacks():
+        passes, floor, attack = interleaved_ratio(name, rounds)
         print(f"| {name} | {passes[0]} / {passes[1]} | {floor:.3f} | {attack:.3f} | {100 * (attack / floor - 1):+.1f}% |",
               flush=True)
