@@ -157,7 +157,8 @@ def save_torch(obj, path: Path, best_effort: bool = False) -> Optional[dict]:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp), best_effort=best_effort)
 
 
-def save_safetensors(state: dict, path: Path, metadata: Optional[dict] = None, best_effort: bool = False) -> Optional[dict]:
+def save_safetensors(state: dict, path: Path, metadata: Optional[dict] = None, best_effort: bool = False,
+                     check: bool = True) -> Optional[dict]:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -166,7 +167,7 @@ def save_safetensors(state: dict, path: Path, metadata: Optional[dict] = None, b
         save_file(tensors, str(tmp), metadata=metadata)
         _canonical_header(tmp)
 
-    return atomic_write(path, write, best_effort=best_effort)
+    return atomic_write(path, write, best_effort=best_effort, check=check)
 
 
 def _canonical_header(path: Path) -> None:

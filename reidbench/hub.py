@@ -21,7 +21,7 @@ import yaml
 
 from .version import __version__
 from .errors import ReIDBenchError, first_line
-from .cache import sha256_file
+from .cache import save_safetensors, sha256_file
 from .zoo.schema import ZooEntry, training_entry
 from .zoo.weights import existing_weights, local_weights_path, read_state_dict, trained_weights_file
 
@@ -78,13 +78,14 @@ def _deployed_safetensors(source: Path, target: Path) -> dict[str, str]:
     """Write the embedding weights of ``source`` (any checkpoint reidbench reads) as
     safetensors, without the training-time classifier; keeps the training provenance."""
     import torch
-    from safetensors.torch import save_file
 
     state, metadata = read_state_dict(source)
     # clone: safetensors refuses tensors that share storage, which torch checkpoints may hold
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()
              if isinstance(v, torch.Tensor) and not k.startswith("classifier.")}
-    save_file(state, str(target), metadata=metadata or None)
+    # the cache's writer: atomic, and the same bytes for the same weights (sorted metadata), so
+    # the sha256 pasted into the zoo entry does not depend on the export; no sidecar beside it
+    save_safetensors(state, target, metadata=metadata or None, check=False)
     return metadata
 
 
