@@ -120,23 +120,21 @@ def interleaved_ratio(name="m-ifgsm", rounds=3):
 
 
 if __name__ == "__main__":
+    import argparse
     import os
     import platform
-    import sys
 
+    parser = argparse.ArgumentParser(description="attack time against its counted floor, as a markdown table")
+    parser.add_argument("attacks", nargs="*", help="attack names (default: every iterative grid attack)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds, best of each (default 10)")
+    args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"setting: {default_baseline_spec()} (random weights), batch {BATCH}, {ITERS} iterations, "
           f"gallery {GALLERY}\n")
     print("| attack | passes (fwd+bwd / fwd) | floor (s) | attack (s) | overhead |")
     print("| --- | --- | --- | --- | --- |")
-    args = sys.argv[1:]
-    rounds = 10
-    if "--rounds" in args:
-        at = args.index("--rounds")
-        rounds = int(args[at + 1])
-        del args[at:at + 2]
-    for name in args or iterative_attacks():
-        passes, floor, attack = interleaved_ratio(name, rounds)
+    for name in args.attacks or iterative_attacks():
+        passes, floor, attack = interleaved_ratio(name, args.rounds)
         print(f"| {name} | {passes[0]} / {passes[1]} | {floor:.3f} | {attack:.3f} | {100 * (attack / floor - 1):+.1f}% |",
               flush=True)

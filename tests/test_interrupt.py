@@ -17,6 +17,7 @@ from reidbench.results import cell_intact, read_cell
 from conftest import TINY_ZOO
 
 ZOO = TINY_ZOO.replace("epochs: 30", "epochs: 8")  # a few checkpoints to kill between
+assert ZOO != TINY_ZOO, "conftest.TINY_ZOO no longer says epochs: 30; update the replacement"
 ATTACKS = ["m-fgsm", "m-ifgsm", "fna", "odfa"]
 
 

@@ -131,6 +131,8 @@ def test_the_graph_sees_the_imports_it_must():
     assert "reidbench.data.synthetic" in TOP["reidbench.data.synthetic_vi"]
     assert "reidbench.data" not in TOP["reidbench.data.synthetic_vi"]  # `from . import synthetic` is the submodule
     assert "reidbench.version" in TOP["reidbench.runner"]
+    # a name of the package, not a submodule, means the package's body ran, even for an ancestor
+    assert "reidbench" in _targets("reidbench.runner", ast.parse("from . import __version__").body[0])
     assert "reidbench.api" in DEFERRED["reidbench"]
 
 
