@@ -37,6 +37,18 @@ def pct(row, column: str) -> str:
     return with_interval(getattr(row, column), (getattr(row, f"{column}_lo"), getattr(row, f"{column}_hi")))
 
 
+def attacked_text(row) -> str:
+    """``Rank-1 / mAP``, with the re-ranked pair in brackets when the cell has one (a run with
+    ``--no-rerank`` has none, and a bracket of dashes would read as a missing result)."""
+    if row is None:
+        return "–"
+    text = f"{pct(row, 'rank1')} / {pct(row, 'mAP')}"
+    reranked = [getattr(row, column) for column in ("rr_rank1", "rr_mAP")]
+    if any(value is not None and not math.isnan(value) for value in reranked):
+        text += f" ({pct(row, 'rr_rank1')} / {pct(row, 'rr_mAP')})"
+    return text
+
+
 def main(root: str, attacks: list[str], variance: str | None = None, protocol: str = CURRENT_VERSION) -> None:
     cells = results_table(Path(root), protocol)
     if cells.empty:
@@ -57,7 +69,7 @@ def main(root: str, attacks: list[str], variance: str | None = None, protocol: s
             out = [model, first.defense, first.train_dataset, clean]
             for name in attacks:
                 r = by_attack.get(name)
-                out.append("–" if r is None else f"{pct(r, 'rank1')} / {pct(r, 'mAP')} ({pct(r, 'rr_rank1')} / {pct(r, 'rr_mAP')})")
+                out.append(attacked_text(r))
             if variance:
                 attacked = by_attack.get(variance)
                 out += [_variance(first, "clean_var"), _variance(attacked, "var")]
