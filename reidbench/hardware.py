@@ -43,4 +43,12 @@ def environment() -> dict:
             versions[package] = None
     return {"versions": versions, "git_commit": commit, "python": platform.python_version(),
             "platform": platform.platform(terse=True), "cpu_count": os.cpu_count(),
+            "cpu_capability": cpu_capability(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def cpu_capability() -> str:
+    """The vector instruction set torch's CPU kernels dispatch to (e.g. AVX2, AVX512). Kernels
+    for different sets round differently, so the same CPU training on two hosts can give
+    different weights; recording it lets a reader tell such a difference from a code change."""
+    return torch.backends.cpu.get_cpu_capability()

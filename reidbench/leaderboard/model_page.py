@@ -65,7 +65,10 @@ def provenance(records: list[CellRecord]) -> list[tuple[str, str]]:
     packages = sorted({p for e in env for p in (e.get("versions") or {})})
     rows += [(f"{p} version", _distinct([(e.get("versions") or {}).get(p) for e in env])) for p in packages]
     rows += [("device", _distinct([r.device for r in records])), ("GPU", _distinct([e.get("cuda") for e in env])),
-             ("CPU cores", _distinct([e.get("cpu_count") for e in env])), ("python", _distinct([e.get("python") for e in env])),
+             ("CPU cores", _distinct([e.get("cpu_count") for e in env]))]
+    if any(e.get("cpu_capability") for e in env):  # older records lack it: their pages stay as they were
+        rows.append(("CPU kernels", _distinct([e.get("cpu_capability") for e in env])))
+    rows += [("python", _distinct([e.get("python") for e in env])),
              ("platform", _distinct([e.get("platform") for e in env])),
              ("git commit", _distinct([e.get("git_commit") for e in env])),
              ("seed", _distinct([r.seed for r in records]))]
