@@ -24,15 +24,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def environment() -> dict:
-    """Provenance recorded with every result."""
+def _git_commit() -> str | None:
     try:
-        commit = subprocess.run(
+        return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        return None
+
+
+# Read once, when the process loads this code: an editable install keeps running the code it
+# imported while commits land, and a commit read per cell named code the run never executed.
+_COMMIT_AT_IMPORT = _git_commit()
+
+
+def environment() -> dict:
+    """Provenance recorded with every result."""
+    commit = _COMMIT_AT_IMPORT
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
