@@ -22,7 +22,7 @@ PAPERS = {
     "sma": "Bouniot 2020: mAP 76 → ~2 (ResNet-50); Gong 2022: R-1 88.4 → 15.7",
     "fna": "Bouniot 2020: mAP 76 → <1",
     "lta": "Gong 2022: R-1 88.4 → 13.3",
-    "m-ifgsm": "Bai 2019 perturb the gallery at larger ε; no query-side ε = 5 figure to compare",
+    "m-ifgsm": "Bai 2019 perturb the gallery at larger ε; no query-side figure to compare",
     "m-ifgsm-gallery": "Bai 2019: the original gallery-perturbing setting",
     "dmr": "Wang 2020 train G for ~50 epochs on a GPU at ε = 16; not comparable at ε = 5 / 300 CPU steps",
 }
