@@ -83,6 +83,20 @@ def zoo_with_borrower(tiny_zoo_file, path, entry_id: str, defense: str = "none")
     return path
 
 
+def random_mobilenet_trunk(path: Path) -> str:
+    """A MobileNetV2 trunk in torchvision's key layout with random values, written to ``path``:
+    the shared ImageNet file's layout, without needing it. Returns the file's sha256."""
+    import hashlib
+
+    import torchvision
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v for k, v in torchvision.models.mobilenet_v2().state_dict().items() if k.startswith("features.")},
+              str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def cell_record(**fields):
     """A complete cell record of a made-up white-box cell, for tests that need records without
     running one; ``fields`` (top-level keys of the record's JSON) replace its own, and a field

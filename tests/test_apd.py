@@ -419,17 +419,11 @@ def test_repository_apd_entries_name_their_datasets_baseline_or_imagenet():
 
 def test_imagenet_feature_net_from_a_pinned_file(tmp_path):
     """feature_net {backbone, pretrained}: psi/phi read from the file, keyed by its sha256, frozen."""
-    import hashlib
-
-    import torchvision
-    from safetensors.torch import save_file
+    from conftest import random_mobilenet_trunk
 
     path = tmp_path / "mnv2.safetensors"
-    save_file({k: v for k, v in torchvision.models.mobilenet_v2().state_dict().items() if k.startswith("features.")},
-              str(path))
     spec = {"backbone": "mobilenetv2_100",
-            "pretrained": {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                           "layout": "torchvision"}}
+            "pretrained": {"file": str(path), "sha256": random_mobilenet_trunk(path), "layout": "torchvision"}}
     apd = build_defense({"name": "apd", "feature_net": spec})
     key, source = apd.feature_source()
     assert key == {"feature_net": "mobilenetv2_100", "sha256": spec["pretrained"]["sha256"]}

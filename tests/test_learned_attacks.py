@@ -104,8 +104,8 @@ def test_dmr_generator_is_cached_on_disk_and_reused(setting, trained_dmr, monkey
     assert torch.equal(fresh(model, queries, ctx), first)
     # A transfer attack: the target model is never consulted.
     assert torch.equal(fresh(torch.nn.Identity(), queries, ctx), first)
-    # per image, batch-independent up to rounding: on some hosts (AVX2 here) the convolution kernels
-    # chosen for a batch of 7 and of 60 round differently in the last bit
+    # per image, batch-independent up to rounding: on some hosts (AVX2) the convolution kernels
+    # chosen for the first 7 queries alone and for all of them round differently in the last bit
     torch.testing.assert_close(fresh(model, queries[:7], ctx.batch(torch.arange(7))), first[:7], rtol=0, atol=1e-6)
     # Another hyper-parameter is another generator: it would have to be trained.
     with pytest.raises(AssertionError, match="trained again"):

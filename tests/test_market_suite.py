@@ -8,7 +8,6 @@ The full-size run's cost is in benchmarks/results/market-imagenet.md."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import random_mobilenet_trunk
+
 ROOT = Path(__file__).resolve().parents[1]
-TRUNK = "imagenet/mobile" + "net_v2-imagenet1k.safetensors"
 
 
 def _fake_market(root: Path, ids: int = 12, cams: int = 3, per_cam: int = 2) -> None:
@@ -37,11 +37,14 @@ def _fake_market(root: Path, ids: int = 12, cams: int = 3, per_cam: int = 2) -> 
                 Image.fromarray(pixels).save(folder / f"{pid:04d}_c{cam}s1_{pid * 100 + cam * 10 + n:06d}_01.jpg")
 
 
-def _toy_zoo(path: Path, real_sha: str, fake_sha: str) -> list[str]:
-    """The shipped zoo's market-cpu entries at toy size; returns their ids."""
+def _toy_zoo(path: Path, weights: Path) -> tuple[list[str], str]:
+    """The shipped zoo's market-cpu entries at toy size, their pinned trunk replaced by a random one
+    written under ``weights``; returns their ids and the random trunk's sha256."""
     text = (ROOT / "model_zoo.yaml").read_text()
-    assert real_sha in text, "the market-cpu entries no longer pin the trunk this test replaces"
-    entries = [e for e in yaml.safe_load(text.replace(real_sha, fake_sha)) if "market-cpu" in e.get("suite", [])]
+    market = [e for e in yaml.safe_load(text) if "market-cpu" in e.get("suite", [])]
+    trunk = market[0]["model"]["pretrained"]  # every entry pins this one, directly or in APD's feature net
+    fake_sha = random_mobilenet_trunk(weights / trunk["file"])
+    entries = [e for e in yaml.safe_load(text.replace(trunk["sha256"], fake_sha)) if "market-cpu" in e.get("suite", [])]
     for entry in entries:
         entry["dataset"] = {**entry["dataset"], "num_train_ids": 6}
         entry["model"] = {**entry["model"], "input_size": [64, 32]}
@@ -55,25 +58,15 @@ def _toy_zoo(path: Path, real_sha: str, fake_sha: str) -> list[str]:
         if name == "apd":
             entry["defense"].update(mpg_steps=2, mpg_batch=4)
     path.write_text(yaml.safe_dump(entries, sort_keys=False))
-    return [e["id"] for e in entries]
+    return [e["id"] for e in entries], fake_sha
 
 
 @pytest.mark.slow
 def test_the_market_suite_runs_from_an_empty_cache_with_one_command(tmp_path):
-    import torchvision
-    from safetensors.torch import save_file
-
     from reidbench.leaderboard import render_site
 
-    zoo_text = (ROOT / "model_zoo.yaml").read_text()
-    real_sha = zoo_text.split(TRUNK, 1)[1].split("sha256:", 1)[1].split(",", 1)[0].split("}", 1)[0].strip()
-    weights = tmp_path / "weights" / TRUNK
-    weights.parent.mkdir(parents=True)
-    save_file({k: v for k, v in torchvision.models.mobilenet_v2().state_dict().items() if k.startswith("features.")},
-              str(weights))
-    fake_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     _fake_market(tmp_path / "data")
-    ids = _toy_zoo(tmp_path / "zoo.yaml", real_sha, fake_sha)
+    ids, fake_sha = _toy_zoo(tmp_path / "zoo.yaml", tmp_path / "weights")
     assert len(ids) >= 10 and any(i.endswith("-ddid") for i in ids) and any(i.endswith("-apd") for i in ids)
 
     env = dict(os.environ, REIDBENCH_CACHE=str(tmp_path / "cache"), REIDBENCH_DATA=str(tmp_path / "data"),

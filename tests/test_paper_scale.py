@@ -3,7 +3,6 @@ there: its records are ordinary cells the leaderboard renders, its table names t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,15 +17,11 @@ SCRIPT = ROOT / "benchmarks" / "gpu" / "paper_scale.sh"
 
 @pytest.mark.slow
 def test_toy_run_writes_records_the_leaderboard_renders(tmp_path):
-    import torchvision
-    from safetensors.torch import save_file
-
+    from conftest import random_mobilenet_trunk
     from reidbench.leaderboard import render_site
 
     weights = tmp_path / "mnv2.safetensors"
-    save_file({k: v for k, v in torchvision.models.mobilenet_v2().state_dict().items() if k.startswith("features.")},
-              str(weights))
-    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    sha = random_mobilenet_trunk(weights)
     out = tmp_path / "out"
     env = dict(os.environ, DEVICE="cpu", REIDBENCH_CACHE=str(tmp_path / "cache"))
     done = subprocess.run(

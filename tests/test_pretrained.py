@@ -24,11 +24,10 @@ def _sha(path: Path) -> str:
 def _torchvision_layout_file(tmp_path: Path) -> Path:
     """A MobileNetV2 trunk in torchvision's key layout with random values (the shared ImageNet
     file's layout, without needing it)."""
-    import torchvision
+    from conftest import random_mobilenet_trunk
 
-    state = {k: v.clone() for k, v in torchvision.models.mobilenet_v2().state_dict().items() if k.startswith("features.")}
     path = tmp_path / "mnv2.safetensors"
-    save_file(state, str(path))
+    random_mobilenet_trunk(path)
     return path
 
 
