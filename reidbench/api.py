@@ -108,18 +108,9 @@ def check_output(model: nn.Module, input_size: Sequence[int], what: str) -> None
 
 
 def _dataset(dataset: Optional[DatasetSpec]) -> Optional[dict]:
-    if dataset is None:
-        return None
-    if isinstance(dataset, str):
-        spec = {"name": dataset}
-    elif isinstance(dataset, dict) and isinstance(dataset.get("name"), str):
-        spec = dict(dataset)
-    else:
-        raise ReIDBenchError(f"benchmark(): dataset must be a name or a mapping with a 'name', got {dataset!r}")
-    from .registry import DATASETS
+    from .data import dataset_spec
 
-    DATASETS.get(spec["name"])
-    return spec
+    return None if dataset is None else dataset_spec(dataset, "benchmark(): dataset")
 
 
 def onnx_entry(path: Union[str, Path], dataset: dict, input_size, mean=None, std=None, name: Optional[str] = None,

@@ -55,10 +55,7 @@ def cmd_run(args) -> int:
     eps_values = [e / 255.0 for e in args.eps] if args.eps else None
     if eps_values and any(not (0 < e <= 1) for e in eps_values):
         raise ReIDBenchError(f"--eps is in 1/255 units and must lie in (0, 255], got {args.eps}")
-    if args.dataset:
-        from .registry import DATASETS
-
-        DATASETS.get(args.dataset)
+    spec = RunSpec.from_args(args)  # checks --dataset (a name or a mapping) before any work
     if args.queries is not None and args.queries < 1:
         raise ReIDBenchError(f"--queries must be a positive number of queries, got {args.queries}")
     if args.attack:
@@ -67,12 +64,12 @@ def cmd_run(args) -> int:
 
         for entry in entries:
             for name in attacks:
-                reason = undefined_cell(protocol, name, args.dataset or entry.dataset_name)
+                reason = undefined_cell(protocol, name, spec.test_dataset_name or entry.dataset_name)
                 if reason:
                     raise ReIDBenchError(f"cannot run '{name}' on model '{entry.id}': {reason}; leave it out of --attack")
     executor = build_executor(args.executor, args.address, args.jobs)
     # Without --attack: the protocol's whole suite (runner.protocol_grid), secondary ε included.
-    executor.run(RunSpec.from_args(args), [e.id for e in entries], args.attack, eps_values, zoo=zoo)
+    executor.run(spec, [e.id for e in entries], args.attack, eps_values, zoo=zoo)
     index = render_site(Path(args.results), Path(args.site) if args.site else None, protocol.version)
     log(f"leaderboard: {index}")
     return 0
@@ -84,6 +81,7 @@ def _run_onnx(args) -> int:
     from rich.table import Table
 
     from .api import benchmark
+    from .data import dataset_spec
     from .leaderboard import render_site
     from .progress import log
 
@@ -93,20 +91,13 @@ def _run_onnx(args) -> int:
         raise ReIDBenchError("--onnx needs --dataset NAME and --input-size H W (what the graph takes)")
     if args.no_train or args.train_missing or args.executor != "local":
         raise ReIDBenchError("--onnx runs locally and trains nothing; drop --no-train / --train-missing / --executor")
-    dataset = args.dataset
-    if dataset.lstrip().startswith("{"):  # a dataset with options, written as in a zoo entry
-        import yaml
-
-        try:
-            dataset = yaml.safe_load(dataset)
-        except yaml.YAMLError:
-            raise ReIDBenchError(f"--dataset {args.dataset!r} is neither a name nor a YAML mapping") from None
+    dataset = dataset_spec(args.dataset, "--dataset")
     frame = benchmark(args.onnx, dataset=dataset, attacks=args.attack, eps=args.eps, input_size=args.input_size,
                       mean=args.mean, std=args.std, device=args.device, queries=args.queries, name=args.name,
                       results=args.results, zoo=args.zoo, batch_size=args.batch_size, rerank=not args.no_rerank,
                       force=args.force, channel_order=args.channel_order, value_range=args.value_range,
                       layout=args.layout)
-    table = Table(title=f"{Path(args.onnx).name} on {dataset if isinstance(dataset, str) else dataset.get('name')}")
+    table = Table(title=f"{Path(args.onnx).name} on {dataset['name']}")
     for column in ("", "Rank-1", "mAP", "queries"):
         table.add_column(column, justify="right")
     for label, row in frame.iterrows():
@@ -157,6 +148,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from rich.table import Table
 
+    from .data import dataset_spec
     from .leaderboard import with_interval
     from .progress import console
     from .runner import rank_metrics
@@ -168,8 +160,7 @@ def cmd_eval(args) -> int:
     if args.weights:  # e.g. a checkpoint of an unfinished run: last.safetensors
         entry.weights = {"path": str(Path(args.weights).resolve())}
     runner = _runner(args, zoo)
-    dataset = {"name": args.dataset} if args.dataset else None
-    bundle = runner.bundle(entry, dataset)
+    bundle = runner.bundle(entry, dataset_spec(args.dataset, "--dataset") if args.dataset else None)
     feats = runner.clean_features(bundle)
     q_g = pairwise_distance(feats["query"], feats["gallery"])
     rows = [("plain", rank_metrics(q_g, bundle.split, runner.protocol)[0])]
@@ -349,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attack", nargs="+", help="attack name(s) (default: the protocol's suite)")
     run.add_argument("--eps", nargs="+", type=float, help="budget(s) in 1/255 units (default: the protocol's primary ε)")
     run.add_argument("--dataset", default=None,
-                     help="evaluate on this dataset instead of each model's own (cross-dataset); with --onnx, the dataset "
-                          "to evaluate on: a name, or a mapping as in a zoo entry ('{name: synthetic, preset: tiny}')")
+                     help="evaluate on this dataset instead of each model's own (cross-dataset; with --onnx, the one "
+                          "to evaluate on): a name, or a mapping as in a zoo entry ('{name: synthetic, preset: tiny}')")
     onnx = run.add_argument_group("an ONNX model without a zoo entry (with --dataset)")
     onnx.add_argument("--onnx", metavar="FILE", help="benchmark this ONNX graph (pip install 'reidbench[onnx]')")
     onnx.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="the graph's input height and width")
@@ -387,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="clean evaluation of a zoo model, on its own or another dataset")
     ev.add_argument("--model", required=True)
-    ev.add_argument("--dataset", default=None, help="evaluate on this dataset instead (cross-dataset)")
+    ev.add_argument("--dataset", default=None,
+                    help="evaluate on this dataset instead (cross-dataset): a name, or a mapping as in a zoo entry")
     ev.add_argument("--weights", default=None, help="evaluate this weights file instead of the entry's")
     common(ev)
     ev.set_defaults(func=cmd_eval)

@@ -48,22 +48,30 @@ class RunSpec:
     force: bool = False
     progress: bool = True
     train_if_unreachable: bool = False
-    dataset: Optional[str] = None  # cross-dataset: evaluate every entry on this dataset
+    dataset: Optional[dict] = None  # cross-dataset: evaluate every entry on this dataset ({"name": ..., **options})
     protocol: Optional[str] = None  # protocol version; None: the current one
     queries: Optional[int] = None  # a seeded subset of this many queries (Runner.queries)
 
     @property
     def test_dataset(self) -> Optional[dict]:
-        return {"name": self.dataset} if self.dataset else None
+        return dict(self.dataset) if self.dataset else None
+
+    @property
+    def test_dataset_name(self) -> Optional[str]:
+        return self.dataset["name"] if self.dataset else None
 
     @classmethod
     def from_args(cls, args) -> "RunSpec":
+        from .data import dataset_spec
+
         if args.no_train and getattr(args, "train_missing", False):
             raise ReIDBenchError("--no-train and --train-missing contradict each other; drop one")
+        dataset = getattr(args, "dataset", None)  # a name or a YAML mapping, as in a zoo entry
         return cls(zoo=str(Path(args.zoo).resolve()) if args.zoo else None, results=str(Path(args.results).resolve()),
                    device=args.device, batch_size=args.batch_size, rerank=not args.no_rerank,
                    train_missing=not args.no_train, force=args.force,
-                   train_if_unreachable=getattr(args, "train_missing", False), dataset=getattr(args, "dataset", None),
+                   train_if_unreachable=getattr(args, "train_missing", False),
+                   dataset=dataset_spec(dataset, "--dataset") if dataset else None,
                    protocol=getattr(args, "protocol", None),
                    queries=getattr(args, "queries", None))
 
@@ -130,7 +138,8 @@ class ProcessExecutor:
                 deps[model] = training_dependencies(zoo, model)
                 pending += deps[model]
         cells: dict[str, list[tuple[str, float]]] = {}
-        for entry, name, eps in protocol_grid(protocol, [zoo[i] for i in entry_ids], attacks, eps_values, spec.dataset):
+        for entry, name, eps in protocol_grid(protocol, [zoo[i] for i in entry_ids], attacks, eps_values,
+                                              spec.test_dataset_name):
             cells.setdefault(entry.id, []).append((name, eps))
 
         from concurrent.futures.process import BrokenProcessPool  # a worker killed, or out of memory
@@ -291,7 +300,7 @@ def _plan(spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]], zoo
     zoo = zoo if zoo is not None else load_zoo(spec.zoo)
     protocol = load_protocol(spec.protocol) if spec.protocol else load_protocol()
     check_attack_names(attacks or protocol.attacks(), protocol)
-    return zoo, protocol, models_needed(zoo, entry_ids, attacks or protocol.attacks(), protocol, spec.dataset)
+    return zoo, protocol, models_needed(zoo, entry_ids, attacks or protocol.attacks(), protocol, spec.test_dataset_name)
 
 
 def _import_ray():
@@ -336,7 +345,7 @@ class RayExecutor:
             trained = {m: prepare.remote(worker_spec, m) for m in models}
             tasks = {}
             for entry, name, eps in protocol_grid(protocol, [zoo[i] for i in entry_ids], attacks, eps_values,
-                                                  spec.dataset):
+                                                  spec.test_dataset_name):
                 ref = cell.remote(worker_spec, entry.id, name, eps, *(trained[m] for m in needed[entry.id]))
                 tasks[ref] = (entry.id, attack_id(name, eps))
             return self._collect(ray, tasks)

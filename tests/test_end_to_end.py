@@ -1,8 +1,11 @@
 import json
 import time
 
+import pytest
+
 from conftest import zoo_with_borrower
 from reidbench.cli import main
+from reidbench.data import build_dataset
 from reidbench.leaderboard import render_site
 from reidbench.results import read_per_query
 
@@ -97,6 +100,34 @@ def test_cross_dataset_cells_are_filed_under_the_test_dataset(tiny_zoo_file, tin
     record = json.loads(cell.read_text())
     assert record["model"]["train_dataset"]["name"] == "synthetic" and record["dataset"]["name"] == "market1501"
     assert record["dataset"]["image_size"] == [64, 32] and record["dataset"]["num_query"] == 3
+
+
+def test_run_takes_the_test_dataset_as_a_mapping_with_options(tiny_zoo_file, tiny_model, tmp_path):
+    """`run --dataset '{name: ..., <options>}'` for a zoo model, as in a zoo entry: the options
+    reach the split (here a test set of other identities than the model's own)."""
+    own = build_dataset("synthetic", preset="tiny")
+    other = build_dataset("synthetic", preset="tiny", seed=11)
+    assert other.split_hash != own.split_hash
+    results = tmp_path / "results"
+    argv = ["run", "--model", "tiny-none", "--zoo", str(tiny_zoo_file), "--results", str(results), "--site",
+            str(tmp_path / "site"), "--device", "cpu", "--attack", "m-fgsm", "--dataset",
+            "{name: synthetic, preset: tiny, seed: 11}"]
+    assert main(argv) == 0
+    (cell,) = results.rglob("*.json")
+    assert json.loads(cell.read_text())["dataset"]["split_hash"] == other.split_hash
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{preset: tiny}", "must be a dataset name or a mapping with a 'name'"),
+    ("{name: [synthetic", "neither a dataset name nor a YAML mapping"),
+    ("{name: synthetc}", "unknown dataset 'synthetc'"),
+])
+def test_run_refuses_a_bad_dataset_mapping_in_one_line(tiny_zoo_file, tmp_path, capsys, value, message):
+    argv = ["run", "--model", "tiny-none", "--zoo", str(tiny_zoo_file), "--results", str(tmp_path), "--dataset", value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("*.json"))
 
 
 def test_run_refuses_an_unknown_test_dataset(tiny_zoo_file, tmp_path, capsys):
