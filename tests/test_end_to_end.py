@@ -130,6 +130,15 @@ def test_run_refuses_a_bad_dataset_mapping_in_one_line(tiny_zoo_file, tmp_path, 
     assert not list(tmp_path.rglob("*.json"))
 
 
+def test_run_refuses_the_oblivious_attack_on_a_model_without_an_input_transform(tiny_zoo_file, tmp_path, capsys):
+    argv = ["run", "--model", "tiny-none", "--zoo", str(tiny_zoo_file), "--results", str(tmp_path),
+            "--attack", "m-ifgsm", "oblivious"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'oblivious' on model 'tiny-none'" in err and "M-I-FGSM itself" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("*.json"))
+
+
 def test_run_refuses_an_unknown_test_dataset(tiny_zoo_file, tmp_path, capsys):
     argv = ["run", "--model", "tiny-none", "--zoo", str(tiny_zoo_file), "--results", str(tmp_path), "--dataset", "nope"]
     assert main(argv) == 2
