@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from typing import Optional
 
 from rich.console import Console
@@ -22,8 +23,61 @@ def _quiet() -> bool:
 _RUN_DISPLAY: Optional[Progress] = None
 
 
+class _LineProgress(Progress):
+    """The display where stderr is not a terminal (a log file, CI, ``nohup``): rich draws nothing
+    live there, so a half-hour cell would leave its log silent. Each visible task writes a line
+    when it crosses a tenth of its total, at most once per ``interval_s``, and one when it ends.
+    A task added with ``lines=False`` stays silent (training writes its own line per epoch)."""
+
+    interval_s = 60.0
+
+    def __init__(self, *columns, **kwargs):
+        super().__init__(*columns, **kwargs)
+        self._written = {}  # task id -> (tenths reported, time of its last line)
+
+    # No live display at all: off a terminal it draws nothing and leaves a blank line when it stops.
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._line(task_id)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._line(task_id)
+
+    def _line(self, task_id) -> None:
+        if self.disable:
+            return
+        task = next((t for t in self.tasks if t.id == task_id), None)
+        if task is None or not task.visible or not task.total or not task.fields.get("lines", True):
+            return
+        tenths, last = self._written.get(task_id, (0, task.start_time or time.monotonic()))
+        now_tenths = int(10 * min(task.completed, task.total) // task.total)
+        if task.finished:
+            if tenths < 10:
+                self._written[task_id] = (10, time.monotonic())
+                log(f"{task.description}: {task.completed:g}/{task.total:g} done in {_clock(task.elapsed)}")
+            return
+        if now_tenths > tenths and time.monotonic() - last >= self.interval_s:
+            self._written[task_id] = (now_tenths, time.monotonic())
+            left = task.time_remaining
+            log(f"{task.description}: {task.completed:.0f}/{task.total:g} ({task.percentage:.0f}%), "
+                f"{_clock(task.elapsed)} elapsed" + (f", ~{_clock(left)} left" if left is not None else ""))
+
+
+def _clock(seconds: Optional[float]) -> str:
+    seconds = int(seconds or 0)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def _display(enabled: bool) -> Progress:
-    return Progress(
+    kind = Progress if console.is_terminal else _LineProgress
+    return kind(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled or _quiet(),
         transient=not sys.stderr.isatty(),

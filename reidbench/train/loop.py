@@ -186,7 +186,8 @@ def train_model(
     generator = torch.Generator().manual_seed(recipe.seed)
     started = time.time()
     with progress_bar(enabled=progress) as bar:
-        task = bar.add_task(f"train {workdir.name}", total=recipe.epochs * iters, completed=start_epoch * iters)
+        task = bar.add_task(f"train {workdir.name}", total=recipe.epochs * iters, completed=start_epoch * iters,
+                            lines=False)
         for epoch in range(start_epoch, recipe.epochs):
             # Re-seed per epoch so a resumed run draws exactly what an uninterrupted one would.
             generator.manual_seed(recipe.seed * 100003 + epoch)
