@@ -60,15 +60,11 @@ def cmd_run(args) -> int:
         raise ReIDBenchError(f"--queries must be a positive number of queries, got {args.queries}")
     if args.attack:
         # The protocol's grid skips cells it does not define; a named attack must run.
-        from .defense import build_defense
         from .runner import undefined_cell
 
         for entry in entries:
             for name in attacks:
-                reason = undefined_cell(protocol, name, spec.test_dataset_name or entry.dataset_name)
-                if name == "oblivious" and build_defense(entry.defense).input_transform() is None:
-                    # the grid adds it only where a transform exists; here it would repeat M-I-FGSM's cell
-                    reason = "its defense transforms no input, so the oblivious attack is M-I-FGSM itself"
+                reason = undefined_cell(protocol, name, spec.test_dataset_name or entry.dataset_name, entry.defense)
                 if reason:
                     raise ReIDBenchError(f"cannot run '{name}' on model '{entry.id}': {reason}; leave it out of --attack")
     executor = build_executor(args.executor, args.address, args.jobs)

@@ -444,11 +444,11 @@ def protocol_grid(protocol: Protocol, entries: list[ZooEntry], attacks: Optional
             plan = [(protocol.attacks(), eps_values or [protocol.eps])]
             if eps_values is None:
                 plan.append((protocol.secondary_attacks, [protocol.eps_secondary]))
-            if build_defense(entry.defense).input_transform() is not None:
+            if transforms_input(entry.defense):
                 plan.append((["oblivious"], eps_values or [protocol.eps]))
         for names, budgets in plan:
             for name in names:
-                reason = undefined_cell(protocol, name, test_dataset or entry.dataset_name)
+                reason = undefined_cell(protocol, name, test_dataset or entry.dataset_name, entry.defense)
                 if reason:
                     log(f"[yellow]–[/] {entry.id} × {name}: not run ({reason})")
                     continue
@@ -456,13 +456,24 @@ def protocol_grid(protocol: Protocol, entries: list[ZooEntry], attacks: Optional
                     yield entry, name, eps
 
 
-def undefined_cell(protocol: Protocol, attack_name: str, dataset_name: str) -> Optional[str]:
+def transforms_input(defense: dict) -> bool:
+    """Whether the defense a zoo entry names (its ``defense`` mapping) transforms the input."""
+    return build_defense(defense).input_transform() is not None
+
+
+def undefined_cell(protocol: Protocol, attack_name: str, dataset_name: str,
+                   defense: Optional[dict] = None) -> Optional[str]:
     """Why ``protocol`` defines no cell for ``attack_name`` on ``dataset_name``; None when it
     does. A transfer attack needs the surrogate the protocol fixes for the dataset, and a
     surrogate of our choosing would make the number incomparable, so where the protocol fixes
-    none (e.g. v1 on video data) the cell does not exist."""
-    if "surrogate" in ATTACKS.get(attack_name).needs_for() and not protocol.has_surrogate(dataset_name):
+    none (e.g. v1 on video data) the cell does not exist. With ``defense`` (the entry's), an
+    attack that aims with the bare network (the oblivious attack) has no cell on a model whose
+    defense transforms no input: there it would repeat its inner attack's cell."""
+    needs = ATTACKS.get(attack_name).needs_for()
+    if "surrogate" in needs and not protocol.has_surrogate(dataset_name):
         return f"protocol {protocol.version} fixes no transfer surrogate for dataset '{dataset_name}'"
+    if "bare" in needs and defense is not None and not transforms_input(defense):
+        return "its defense transforms no input, so the oblivious attack is M-I-FGSM itself"
     return None
 
 

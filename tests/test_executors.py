@@ -239,3 +239,6 @@ def test_the_whole_suite_adds_the_secondary_budget_and_the_oblivious_reference(t
     # Naming attacks runs exactly those.
     named = {attack_id(name, eps) for _, name, eps in protocol_grid(protocol, list(zoo.values()), ["m-fgsm"])}
     assert named == {attack_id("m-fgsm", protocol.eps)}
+    # Named, the oblivious attack too runs only where there is a transform (the Python API's path).
+    named = {(entry.id, name) for entry, name, _ in protocol_grid(protocol, list(zoo.values()), ["oblivious"])}
+    assert ("tiny-grid-rrp", "oblivious") in named and ("tiny-grid", "oblivious") not in named
