@@ -181,6 +181,99 @@ class IterativeMetricAttack(Attack):
                 score[unbroken[worse]] = new_score[worse]
         return adv
 
+    sweepable = True
+
+    def perturb_by_budget(self, model, queries: torch.Tensor, ctx: AttackContext,
+                          budgets: list[int]) -> dict[int, torch.Tensor]:
+        """The attack at each of ``budgets`` iterations per run, from one run of the largest
+        (the budget sweep of protocol v2: does Rank-1 keep falling with more iterations?).
+
+        The loop does not depend on its length (fixed step, momentum, no schedule), so a run of
+        ``n`` iterations is the first ``n`` of a longer one, and the best iterate within ``n``
+        is a snapshot of the longer run's. A query stops once it is *broken* (its first true
+        match left Rank-1 under every draw of the attacker's model, the restarts' rule): its
+        Rank-1 outcome can no longer change, since the best iterate keeps the broken point.
+        AutoAttack likewise attacks only the points still robust. A long budget then costs
+        little more than the unbroken queries' steps.
+
+        What differs from ``iterations = n`` run alone, for a reader of the numbers: a broken
+        query keeps the point that first broke it, not a later, worse one, so mAP is that of
+        an attack that stops on success (Rank-1 is the same on a deterministic model, up to
+        floating-point differences between batch sizes); random draws (start, guides, EOT)
+        come from the same seeded stream shared by fewer queries; the restarts run every
+        query unbroken at the smallest budget, each budget keeping its worse point. A
+        point is scored with the guides its iteration drew (LTA), including the last. Without
+        the protocol's strength settings (v1: last iterate, no scoring) nothing is broken or
+        stopped, and each budget's images are the run's iterate after that many steps."""
+        budgets = sorted({int(b) for b in budgets})
+        if not budgets or budgets[0] < 1:
+            raise ReIDBenchError(f"attack '{self.registry_name}': budgets must be iteration counts >= 1, got {budgets}")
+        base = private_view(ctx)
+        x0 = queries.detach()
+        found = self._run_budgets(model, x0, base, budgets)
+        runs = self.restarts if self.randomized(model) else 1
+        with torch.random.fork_rng(devices=[x0.device.index or 0] if x0.is_cuda else []):
+            for _ in range(1, runs):
+                unbroken = (found[budgets[0]][1][:, 0] < 1).nonzero().flatten()
+                if not len(unbroken):
+                    break
+                again = self._run_budgets(model, x0[unbroken], base.batch(unbroken.cpu()), budgets)
+                for b in budgets:
+                    adv, score = found[b]
+                    worse = self._worse(again[b][1], score[unbroken])
+                    adv[unbroken[worse]] = again[b][0][worse]
+                    score[unbroken[worse]] = again[b][1][worse]
+        return {b: adv for b, (adv, _) in found.items()}
+
+    def _run_budgets(self, model, x0: torch.Tensor, base: AttackContext, budgets: list[int]):
+        """One run to ``budgets[-1]`` iterations that drops each query once broken: {budget:
+        (the best iterate among the points 0..budget, its score)}."""
+        full = self.prepare(model, x0, dataclasses.replace(base, extra=dict(base.extra)))
+        if self.random_start:
+            noise = torch.rand(x0.shape, generator=full.generator).to(x0.device)
+            delta = (noise * 2 - 1) * self.eps
+        else:
+            delta = torch.zeros_like(x0)
+        delta = (x0 + delta).clamp(0, 1) - x0
+        accumulated = torch.zeros_like(x0)
+        best_delta, best_score = delta.clone(), None
+        active = torch.arange(len(x0), device=x0.device)
+        found = {}
+        for iteration in range(budgets[-1] + 1):
+            ctx = full if len(active) == len(x0) else full.select(active.cpu())
+            ctx = self.begin_iteration(model, x0[active], ctx, iteration)
+            last = iteration == budgets[-1]
+            grad, score = self._forward(model, x0[active] + delta[active], ctx, with_grad=not last)
+            if not self.tracking:  # v1: the iterate itself
+                best_delta = delta
+            elif best_score is None:
+                best_score = score.clone()
+            else:
+                worse = self._worse(score, best_score[active])
+                best_delta[active[worse]] = delta[active[worse]]
+                best_score[active[worse]] = score[worse]
+            if iteration in budgets:
+                found[iteration] = (x0 + best_delta, None if best_score is None else best_score.clone())
+            if last:
+                break
+            if self.tracking:
+                going = best_score[active, 0] < 1
+                grad, active = grad[going], active[going]
+                if not len(active):
+                    break
+            if self.momentum > 0:
+                scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True).clamp_min(1e-12)
+                accumulated[active] = self.momentum * accumulated[active] + grad / scale
+                direction = accumulated[active].sign()
+            else:
+                direction = grad.sign()
+            step = (delta[active] + self.step * direction).clamp(-self.eps, self.eps)
+            delta[active] = (x0[active] + step).clamp(0, 1) - x0[active]
+        for b in budgets:  # every query broke before the largest budget: later snapshots are the last
+            if b not in found:
+                found[b] = (x0 + best_delta, best_score.clone())
+        return found
+
     def _run(self, model, x0: torch.Tensor, base: AttackContext):
         """One run of the loop from a fresh start: its result (the last iterate, or the worst
         one with ``best_iterate``) and that point's score (None when not tracking)."""

@@ -60,6 +60,8 @@ class MetricFGSM(MetricIFGSM):
     (``x + ε·sign(∇)``, clipped to [0, 1]).
     """
 
+    sweepable = False  # one step of the whole ε: more iterations are another attack (I-FGSM)
+
     def __init__(self, eps, step, iterations, seed=0, **params):
         super().__init__(eps, step, iterations, seed, **params)
         self.step, self.iterations = self.eps, 1

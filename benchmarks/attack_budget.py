@@ -14,18 +14,27 @@ Adversarial Robustness", 2019, §5).
 For each model the attack is, unless ``--attack`` names one, the protocol's strongest
 white-box attack against it: the white-box cell of the result store (at the protocol's ε) with
 the lowest attacked Rank-1, among the attacks whose iteration count can change (not m-fgsm's
-single step, not a universal perturbation). It is rerun exactly as the runner runs it (same
-model, transform, EOT / BPDA, restarts and best iterate, seeds) with only ``iterations``
-changed. The model is **flagged** (``budget-sensitive``) when Rank-1 at the largest budget
-is below the lower end of the 95% identity-bootstrap interval of Rank-1 at the protocol's
-budget; ``still_falling`` says whether the last step (e.g. 100 → 500) alone still lowers it
-below the previous budget's interval, i.e. whether even the largest budget may not have
-converged.
+single step, not a universal perturbation). It runs as the runner runs it (same model,
+transform, EOT / BPDA, restarts and best iterate, seeds), once, to the largest budget: every
+smaller budget is a snapshot of that run, and each query stops once its match has left Rank-1
+(``IterativeMetricAttack.perturb_by_budget`` says what that changes: Rank-1 nothing, mAP is an
+early-stopping attack's, hence only Rank-1 decides). The model is **flagged**
+(``budget-sensitive``) when Rank-1 at the largest budget is below the lower end of the 95%
+identity-bootstrap interval of Rank-1 at the protocol's budget; ``still_falling`` says whether
+the last step (e.g. 100 → 500) alone still lowers it below the previous budget's interval,
+i.e. whether even the largest budget may not have converged. The protocol-budget point is
+printed beside the store's cell, which it should equal on a deterministic model.
+
+A model whose strongest stored cell has a Rank-1 interval reaching 0 is **at the floor**: no
+budget can take Rank-1 below that interval's lower end, so it cannot be flagged, and it is
+recorded as such from the store without training or attacking it (``--rerun-floor`` attacks
+it anyway).
 
 Nothing goes into the cell store (a protocol cell always uses the protocol's budget). The
 findings go to ``<results>/budget-sweep/<version>.json`` (one entry per model, merged with
-earlier runs, with the command that produced them), which
-``reidbench.results.read_budget_sweep`` reads for the leaderboard.
+earlier runs, with the command that produced them; written after each model, so an
+interrupted sweep keeps the models it finished), which ``reidbench.results.read_budget_sweep``
+reads for the leaderboard.
 """
 
 from __future__ import annotations
@@ -82,14 +91,17 @@ def sweepable(name: str, protocol) -> bool:
     """Whether the attack's iteration count is a real knob (m-fgsm fixes one step; UAP and the
     learned attacks have no loop over a query)."""
     probe = build_attack(name, eps=protocol.eps, step=protocol.step, iterations=protocol.iterations + 1)
-    return probe.threat_model == "white-box" and probe.iterations == protocol.iterations + 1 and probe.strengthenable
+    return probe.threat_model == "white-box" and probe.sweepable
 
 
-def strongest_attack(results_root: Path, protocol, dataset: str, model_id: str) -> Optional[tuple[str, float]]:
-    """(attack name, attacked Rank-1) of the model's white-box cell with the lowest Rank-1."""
+def strongest_cell(results_root: Path, protocol, dataset: str, model_id: str):
+    """The model's white-box cell (at the protocol's ε and fingerprint) with the lowest Rank-1
+    among the sweepable attacks, or None."""
     best = None
     for _, record in iter_cells(Path(results_root) / protocol.version / dataset / model_id):
         if record.threat_model != "white-box" or (record.perturbed or "query") != "query" or not record.measured:
+            continue
+        if record.protocol is None or record.protocol.fingerprint != protocol.fingerprint():
             continue
         eps = record.perturbation.eps if record.perturbation and record.perturbation.eps is not None else -1
         if abs(float(eps) - protocol.eps) > 1e-9:
@@ -98,9 +110,15 @@ def strongest_attack(results_root: Path, protocol, dataset: str, model_id: str) 
         if name not in _known_attacks() or not sweepable(name, protocol):
             continue
         key = (record.attacked.rank1, record.attacked.mAP, name)
-        if best is None or key < best:
-            best = key
-    return (best[2], best[0]) if best else None
+        if best is None or key < best[0]:
+            best = (key, record)
+    return best[1] if best else None
+
+
+def strongest_attack(results_root: Path, protocol, dataset: str, model_id: str) -> Optional[tuple[str, float]]:
+    """(attack name, attacked Rank-1) of the model's white-box cell with the lowest Rank-1."""
+    record = strongest_cell(results_root, protocol, dataset, model_id)
+    return (record.attack["name"], record.attacked.rank1) if record else None
 
 
 def _known_attacks() -> set[str]:
@@ -109,35 +127,65 @@ def _known_attacks() -> set[str]:
     return set(ATTACKS.names())
 
 
-def sweep_model(runner: Runner, model_id: str, iterations: list[int], attack_name: Optional[str]) -> dict:
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def at_floor(record) -> bool:
+    """Whether the cell's Rank-1 interval reaches 0: then nothing can fall below it."""
+    interval = record.attacked.stored_interval("rank1")
+    return interval is not None and float(interval[0]) <= 0.0
+
+
+def floor_finding(record) -> dict:
+    interval = [float(v) for v in record.attacked.stored_interval("rank1")]
+    iterations = int(record.attack.get("iterations", 0))
+    return {"attack": record.attack["name"], "attack_chosen_by": "lowest white-box Rank-1 in the store",
+            "at_floor": True, "flag": False, "still_falling": False, "flag_name": None, "drop": None,
+            "points": {str(iterations): {"rank1": record.attacked.rank1, "mAP": record.attacked.mAP,
+                                         "interval": interval, "from": "store"}},
+            "base_iterations": iterations, "clean_rank1": record.clean.rank1 if record.clean else None,
+            "weights_sha256": record.model.weights_sha256, "split_hash": record.dataset.split_hash,
+            "dataset": record.dataset.name, "when": _stamp()}
+
+
+def sweep_model(runner: Runner, model_id: str, iterations: list[int], attack_name: Optional[str],
+                rerun_floor: bool = False) -> dict:
     protocol = runner.protocol
-    bundle = runner.bundle(get_entry(runner.zoo, model_id))
+    entry = get_entry(runner.zoo, model_id)
+    stored = None
     chosen_by = "--attack"
     if attack_name is None:
-        found = strongest_attack(runner.results_root, protocol, bundle.split.name, model_id)
-        attack_name, chosen_by = (found[0], "lowest white-box Rank-1 in the store") if found else \
+        stored = strongest_cell(runner.results_root, protocol, entry.dataset_name, model_id)
+        if stored is not None and at_floor(stored) and not rerun_floor:
+            return floor_finding(stored)
+        attack_name, chosen_by = (stored.attack["name"], "lowest white-box Rank-1 in the store") if stored else \
             (FALLBACK_ATTACK, "no white-box cell in the store: fallback")
     if not sweepable(attack_name, protocol):
         raise ReIDBenchError(f"attack '{attack_name}' has no iteration count to sweep")
+    bundle = runner.bundle(entry)
     feats = runner.clean_features(bundle)
+    attack = runner.make_attack(attack_name, protocol.eps, bundle)
+    started = time.time()
+    by_budget, _ = runner.attack_images_by_budget(bundle, attack, iterations)
+    seconds = round(time.time() - started, 1)
     points = {}
-    for n in iterations:
-        attack = runner.make_attack(attack_name, protocol.eps, bundle)
-        attack.iterations = int(n)
-        started = time.time()
-        adv, *_ = runner.attack_images(bundle, attack)
+    for n, adv in sorted(by_budget.items()):
         record, per_query = runner.score(bundle, feats, adv, feats["gallery"])
         attacked = record["attacked"]
         interval = (attacked.get("ci95") or {}).get("rank1") or rank1_interval(
             per_query["attacked_first_hit"], per_query["query_pids"], seed=protocol.seed)
-        points[int(n)] = {"rank1": attacked["rank1"], "mAP": attacked["mAP"], "interval": [float(v) for v in interval],
-                          "seconds": round(time.time() - started, 1)}
+        points[int(n)] = {"rank1": attacked["rank1"], "mAP": attacked["mAP"], "interval": [float(v) for v in interval]}
     verdict = assess(points, protocol.iterations)
-    return {"attack": attack_name, "attack_chosen_by": chosen_by, "attack_settings": attack.describe(),
-            "clean_rank1": record["clean"]["rank1"], "points": {str(k): v for k, v in points.items()}, **verdict,
-            "flag_name": BUDGET_FLAG if verdict["flag"] else None,
-            "weights_sha256": bundle.weights_sha256, "split_hash": bundle.split.split_hash,
-            "dataset": bundle.split.name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    finding = {"attack": attack_name, "attack_chosen_by": chosen_by, "attack_settings": attack.describe(),
+               "clean_rank1": record["clean"]["rank1"], "points": {str(k): v for k, v in points.items()}, **verdict,
+               "flag_name": BUDGET_FLAG if verdict["flag"] else None, "seconds": seconds,
+               "mAP_note": "mAP of an attack that stops each query once its match left Rank-1",
+               "weights_sha256": bundle.weights_sha256, "split_hash": bundle.split.split_hash,
+               "dataset": bundle.split.name, "when": _stamp()}
+    if stored is not None and stored.model.weights_sha256 == bundle.weights_sha256:
+        finding["store_cell_rank1"] = stored.attacked.rank1
+    return finding
 
 
 def write_findings(results_root: Path, protocol, findings: dict[str, dict], command: str) -> Path:
@@ -164,6 +212,8 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default="results")
     parser.add_argument("--zoo", default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rerun-floor", action="store_true",
+                        help="attack a model even when its strongest stored cell is at the floor")
     args = parser.parse_args(argv)
     try:
         zoo = load_zoo(args.zoo)
@@ -173,23 +223,32 @@ def main(argv=None) -> None:
                        and (args.suite is None or args.suite in (e.suite or [])) and e.id not in models]
         if not models:
             raise ReIDBenchError("name at least one model, or --all")
+        if any(n < 1 for n in args.iterations):
+            raise ReIDBenchError(f"--iterations takes counts >= 1, got {args.iterations}")
         protocol = load_protocol(args.protocol)
-        runner = Runner(zoo, results_root=Path(args.results), protocol=protocol, device=args.device, progress=False,
+        runner = Runner(zoo, results_root=Path(args.results), protocol=protocol, device=args.device, progress=True,
                         rerank=False)
         command = "python benchmarks/attack_budget.py " + " ".join(argv)
-        findings = {}
+        budgets = sorted(set(args.iterations))
         print(f"protocol {protocol.version}, ε = {protocol.eps * 255:g}/255, step {protocol.step * 255:g}/255; "
               f"Rank-1 in % [95% interval]; {platform.node()}\n")
-        print("| model | attack | " + " | ".join(f"{n} it." for n in sorted(args.iterations)) + " | flag |")
-        print("| --- | --- | " + " | ".join("---" for _ in args.iterations) + " | --- |")
+        print("| model | attack | " + " | ".join(f"{n} it." for n in budgets) + " | store's cell | flag | seconds |")
+        print("| --- | --- | " + " | ".join("---" for _ in budgets) + " | --- | --- | --- |")
+        path = None
         for model_id in models:
-            finding = sweep_model(runner, model_id, sorted(args.iterations), args.attack)
-            findings[model_id] = finding
-            cells = [f"{100 * p['rank1']:.1f} [{100 * p['interval'][0]:.1f}, {100 * p['interval'][1]:.1f}]"
-                     for _, p in sorted(finding["points"].items(), key=lambda kv: int(kv[0]))]
-            flag = (BUDGET_FLAG + (", still falling" if finding["still_falling"] else "")) if finding["flag"] else ""
-            print(f"| {model_id} | {finding['attack']} | " + " | ".join(cells) + f" | {flag} |")
-        path = write_findings(Path(args.results), protocol, findings, command)
+            finding = sweep_model(runner, model_id, budgets, args.attack, rerun_floor=args.rerun_floor)
+            path = write_findings(Path(args.results), protocol, {model_id: finding}, command)
+            points = finding["points"]
+            cells = [f"{100 * points[str(n)]['rank1']:.1f} [{100 * points[str(n)]['interval'][0]:.1f}, "
+                     f"{100 * points[str(n)]['interval'][1]:.1f}]" if str(n) in points else "–" for n in budgets]
+            store = finding.get("store_cell_rank1")
+            if finding.get("at_floor"):
+                flag, store = "at the floor: not rerun", next(iter(points.values()))["rank1"]
+            else:
+                flag = (BUDGET_FLAG + (", still falling" if finding["still_falling"] else "")) if finding["flag"] else ""
+            print(f"| {model_id} | {finding['attack']} | " + " | ".join(cells)
+                  + f" | {'–' if store is None else f'{100 * store:.1f}'} | {flag} | {finding.get('seconds', '–')} |",
+                  flush=True)
         print(f"\nwritten: {path}")
     except ReIDBenchError as exc:
         sys.exit(f"error: {exc}")

@@ -116,6 +116,17 @@ class AttackContext:
             **views,
         )
 
+    def select(self, index: torch.Tensor) -> "AttackContext":
+        """:meth:`batch`, also restricting what an attack prepared per query: every tensor of
+        ``extra`` whose first dimension is the number of queries (the guides, weights and
+        targets that :meth:`IterativeMetricAttack.prepare` sets). For a loop that drops the
+        queries it is done with midway; ``batch`` is for a fresh run, which prepares again."""
+        count = len(self.query_pids)
+        view = self.batch(index)
+        view.extra = {key: value[index.to(value.device)] if torch.is_tensor(value) and value.dim() and value.shape[0] == count
+                      else value for key, value in self.extra.items()}
+        return view
+
     def same_identity_mask(self, exclude_same_camera: bool = True) -> torch.Tensor:
         """(B, G) mask of gallery images showing each query's identity. By default only the
         cross-camera ones, i.e. the matches that count under the Market protocol."""
@@ -266,18 +277,34 @@ class Attack:
     def perturb(self, model: torch.nn.Module, queries: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
         raise NotImplementedError
 
+    #: whether :meth:`perturb_by_budget` is implemented (an iterative loop whose budget can grow)
+    sweepable = False
+
+    def perturb_by_budget(self, model: torch.nn.Module, queries: torch.Tensor, ctx: AttackContext,
+                          budgets: list[int]) -> dict[int, torch.Tensor]:
+        """The attack at several iteration budgets from one run (the budget sweep's)."""
+        raise ReIDBenchError(f"attack '{self.registry_name}' has no iteration count to sweep")
+
     def __call__(self, model: torch.nn.Module, queries: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+        return self._contained(model, queries, lambda: {0: self.perturb(model, queries, ctx)})[0]
+
+    def by_budget(self, model: torch.nn.Module, queries: torch.Tensor, ctx: AttackContext,
+                  budgets: list[int]) -> dict[int, torch.Tensor]:
+        """:meth:`perturb_by_budget` under the same contract as a call: {budget: images}."""
+        return self._contained(model, queries, lambda: self.perturb_by_budget(model, queries, ctx, budgets))
+
+    def _contained(self, model, queries: torch.Tensor, run) -> dict:
         # An attack sees frozen batch-norm statistics and no dropout whatever the caller's mode
         # (a training defense attacks its model mid-training); the caller gets its mode back.
         was_training = model.training
         model.eval()
         try:
-            adv = self.perturb(model, queries, ctx)
+            out = run()
         finally:
             model.train(was_training)
         # The contract is enforced once here, whatever a subclass did.
-        adv = torch.min(torch.max(adv, queries - self.eps), queries + self.eps).clamp_(0.0, 1.0)
-        return adv.detach()
+        return {key: torch.min(torch.max(adv, queries - self.eps), queries + self.eps).clamp_(0.0, 1.0).detach()
+                for key, adv in out.items()}
 
 
 def build_attack(name: str, eps: float, step: float, iterations: int, seed: int = 0, **params) -> Attack:

@@ -305,13 +305,28 @@ class Runner:
 
         ``only``: attack just these images (sorted positions), each in the batch and with the
         seeds it has in the whole run, so that their outcomes are the whole run's (validation)."""
+        feats, linf, l2, zero_share = self._attack_side(bundle, attack, side, capture, only)
+        return feats[None], linf, l2, zero_share
+
+    def attack_images_by_budget(self, bundle: ModelBundle, attack: Attack, budgets: list[int]):
+        """The queries' adversarial features at each iteration budget, {budget: features}, from
+        one run of the largest (:meth:`Attack.perturb_by_budget`; the budget sweep's), with the
+        batches, seeds and model of :meth:`attack_images`; and the L∞ size at the largest."""
+        if not attack.sweepable:
+            raise ReIDBenchError(f"attack '{attack.registry_name}' has no iteration count to sweep")
+        self.clean_features(bundle)
+        feats, linf, _, _ = self._attack_side(bundle, attack, "query", None, None, budgets=budgets)
+        return feats, linf
+
+    def _attack_side(self, bundle: ModelBundle, attack: Attack, side: str, capture: Optional[ExampleCapture],
+                     only: Optional[list[int]], budgets: Optional[list[int]] = None):
         split, model = bundle.split, bundle.model
         subset = getattr(split, side)
         size = tuple(model.input_size)
         ctx = self.attack_context(bundle, attack, side)
         target = self.attacked_model(bundle, attack)
         q = self.protocol.raw.get("query_based", {})
-        out, linf, l2sum, zero_share = [], 0.0, 0.0, None
+        out, linf, l2sum, zero_share = {}, 0.0, 0.0, None
         positions = torch.arange(len(subset)) if only is None else torch.as_tensor(only, dtype=torch.long)
         n = len(positions)
         batch_size = len(subset) if attack.whole_query_set else self.batch_size
@@ -333,16 +348,19 @@ class Runner:
                                                   len(index), self.protocol.normalize, chunk=4 * self.batch_size)
                 if start == 0 and attack.threat_model == "white-box":
                     zero_share = input_gradient_zero_share(target, images, batch_ctx, self.protocol.normalize)
-                adv = attack(target, images, batch_ctx)
+                advs = {None: attack(target, images, batch_ctx)} if budgets is None else \
+                    attack.by_budget(target, images, batch_ctx, budgets)
+                adv = advs[None] if budgets is None else advs[max(advs)]
                 if capture is not None and capture.index is not None and bool((index == capture.index).any()):
                     capture.image = adv[int((index == capture.index).nonzero()[0])].detach().cpu()
                 delta = (adv - images).flatten(1)
                 linf = max(linf, float(delta.abs().max()))
                 l2sum += float(delta.norm(dim=1).sum())
                 with torch.no_grad():
-                    out.append(embed(model, adv, self.protocol.normalize).cpu())
+                    for key, images_at in advs.items():
+                        out.setdefault(key, []).append(embed(model, images_at, self.protocol.normalize).cpu())
                 bar.update(task, completed=done + len(index))
-        return torch.cat(out), linf, l2sum / max(n, 1), zero_share
+        return {key: torch.cat(parts) for key, parts in out.items()}, linf, l2sum / max(n, 1), zero_share
 
     def score(self, bundle: ModelBundle, feats: dict, q: torch.Tensor, g: torch.Tensor,
               example: Optional[ExampleCapture] = None) -> tuple[dict, dict]:

@@ -63,3 +63,99 @@ def test_an_attack_without_iterations_is_refused(budget, tiny_model, tiny_zoo_fi
     with pytest.raises(SystemExit, match="no iteration count"):
         budget.main(["tiny-none", "--attack", "m-fgsm", "--iterations", "1", "2", "--protocol", "v1",
                      "--results", str(tmp_path), "--zoo", str(tiny_zoo_file), "--device", "cpu"])
+
+
+def tiny_runner(tiny_zoo_file, results):
+    from reidbench.protocol import load_protocol
+    from reidbench.runner import Runner
+    from reidbench.zoo import load_zoo
+
+    return Runner(load_zoo(tiny_zoo_file), results_root=results, protocol=load_protocol("v2"), device="cpu",
+                  progress=False, rerank=False)
+
+
+def hits(runner, bundle, feats, adv):
+    record, per_query = runner.score(bundle, feats, adv, feats["gallery"])
+    return record["attacked"]["rank1"], per_query["attacked_first_hit"] == 0
+
+
+@pytest.mark.parametrize("name", ["m-ifgsm", "sma"])
+def test_budgets_from_one_run_keep_the_rank1_of_separate_runs(name, tiny_model, tiny_zoo_file, tmp_path):
+    """Each budget's snapshot of the one early-stopping run leaves the same queries at Rank-1
+    as a run of exactly that many iterations (m-ifgsm: deterministic; sma: a random start and
+    restarts, whose draws are shared by fewer queries, so only the trend is compared)."""
+    from reidbench.zoo import get_entry
+
+    runner = tiny_runner(tiny_zoo_file, tmp_path)
+    bundle = runner.bundle(get_entry(runner.zoo, "tiny-none"))
+    feats = runner.clean_features(bundle)
+    budgets = [1, 2, 5]
+    by_budget, linf = runner.attack_images_by_budget(bundle, runner.make_attack(name, runner.protocol.eps, bundle), budgets)
+    assert sorted(by_budget) == budgets and linf <= runner.protocol.eps + 1e-6
+    swept = {n: hits(runner, bundle, feats, by_budget[n]) for n in budgets}
+    assert swept[1][0] >= swept[2][0] >= swept[5][0]  # best iterate: never worse with more budget
+    assert not (swept[5][1] & ~swept[2][1]).any()     # a query broken at 2 stays broken at 5
+    if name == "m-ifgsm":
+        for n in budgets:
+            alone = runner.make_attack(name, runner.protocol.eps, bundle)
+            alone.iterations = n
+            adv, *_ = runner.attack_images(bundle, alone)
+            assert (hits(runner, bundle, feats, adv)[1] == swept[n][1]).all(), n
+
+
+def test_an_attack_without_a_loop_has_no_budgets(tiny_model, tiny_zoo_file, tmp_path):
+    from reidbench.errors import ReIDBenchError
+    from reidbench.zoo import get_entry
+
+    runner = tiny_runner(tiny_zoo_file, tmp_path)
+    bundle = runner.bundle(get_entry(runner.zoo, "tiny-none"))
+    with pytest.raises(ReIDBenchError, match="no iteration count"):
+        runner.attack_images_by_budget(bundle, runner.make_attack("m-fgsm", runner.protocol.eps, bundle), [1, 2])
+
+
+def test_select_keeps_what_was_prepared_for_the_kept_queries():
+    import torch
+
+    from reidbench.attack import AttackContext
+
+    ctx = AttackContext(query_pids=torch.arange(4), query_camids=torch.zeros(4), query_feats=torch.eye(4),
+                        gallery_feats=torch.ones(6, 4), gallery_pids=torch.arange(6), gallery_camids=torch.ones(6),
+                        extra={"guides": torch.arange(8.0).view(4, 2), "gallery_side": torch.arange(6), "tag": "x"})
+    kept = ctx.select(torch.tensor([1, 3]))
+    assert kept.query_pids.tolist() == [1, 3] and kept.extra["guides"].tolist() == [[2.0, 3.0], [6.0, 7.0]]
+    assert kept.extra["gallery_side"].tolist() == list(range(6)) and kept.extra["tag"] == "x"
+    assert ctx.extra["guides"].shape == (4, 2)  # the full context is untouched
+    assert ctx.batch(torch.tensor([1, 3])).extra["guides"].shape == (4, 2)  # batch() leaves a fresh run to prepare
+
+
+def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(budget, tiny_model, tiny_zoo_file, tmp_path,
+                                                                         monkeypatch, capsys):
+    """The real path: `reidbench run` writes the cell, the sweep reads it. The tiny model's
+    M-I-FGSM cell leaves Rank-1 0 with the interval [0, 0], so no budget can flag it: the
+    sweep records it from the store without attacking again (for a trained defense, that
+    would first mean training it). --rerun-floor attacks it anyway."""
+    from reidbench.cli import main as cli_main
+    from reidbench.runner import Runner
+
+    results = tmp_path / "results"
+    cli_main(["run", "--zoo", str(tiny_zoo_file), "--results", str(results), "--model", "tiny-none",
+              "--attack", "m-ifgsm", "--no-rerank", "--device", "cpu"])
+    stored = json.loads(next(results.glob("v2/*/tiny-none/m-ifgsm-eps5.json")).read_text())
+    assert stored["attacked"]["ci95"]["rank1"][0] == 0.0  # the premise: this cell is at the floor
+    capsys.readouterr()
+
+    real_bundle = Runner.bundle
+    monkeypatch.setattr(Runner, "bundle", lambda *a, **k: pytest.fail("a model at the floor was loaded"))
+    budget.main(["tiny-none", "--iterations", "15", "100", "--results", str(results), "--zoo", str(tiny_zoo_file),
+                 "--device", "cpu"])
+    assert "at the floor" in capsys.readouterr().out
+    entry = read_budget_sweep(results, "v2")["tiny-none"]
+    assert entry["at_floor"] and entry["flag"] is False and entry["attack"] == "m-ifgsm"
+    assert entry["points"]["15"]["rank1"] == stored["attacked"]["rank1"]
+    assert entry["weights_sha256"] == stored["model"]["weights_sha256"]
+
+    monkeypatch.setattr(Runner, "bundle", real_bundle)
+    budget.main(["tiny-none", "--iterations", "1", "3", "--rerun-floor", "--results", str(results),
+                 "--zoo", str(tiny_zoo_file), "--device", "cpu"])
+    entry = read_budget_sweep(results, "v2")["tiny-none"]
+    assert not entry.get("at_floor") and set(entry["points"]) == {"1", "3"} and entry["seconds"] >= 0
