@@ -135,6 +135,7 @@ def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(budget
     sweep records it from the store without attacking again (for a trained defense, that
     would first mean training it). --rerun-floor attacks it anyway."""
     from reidbench.cli import main as cli_main
+    from reidbench.leaderboard import render_site
     from reidbench.runner import Runner
 
     results = tmp_path / "results"
@@ -153,9 +154,18 @@ def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(budget
     assert entry["at_floor"] and entry["flag"] is False and entry["attack"] == "m-ifgsm"
     assert entry["points"]["15"]["rank1"] == stored["attacked"]["rank1"]
     assert entry["weights_sha256"] == stored["model"]["weights_sha256"]
+    page = (render_site(results, tmp_path / "site").parent / "models" / "tiny-none.html").read_text()
+    assert "Budget sweep" in page and "at the floor" in page and "Stale" not in page
 
     monkeypatch.setattr(Runner, "bundle", real_bundle)
     budget.main(["tiny-none", "--iterations", "1", "3", "--rerun-floor", "--results", str(results),
                  "--zoo", str(tiny_zoo_file), "--device", "cpu"])
     entry = read_budget_sweep(results, "v2")["tiny-none"]
     assert not entry.get("at_floor") and set(entry["points"]) == {"1", "3"} and entry["seconds"] >= 0
+    entry["weights_sha256"] = "0" * 64  # a sweep of a retraining: the page must not pass it off as this model's
+    path = budget_sweep_path(results, "v2")
+    payload = json.loads(path.read_text())
+    payload["models"]["tiny-none"] = entry
+    path.write_text(json.dumps(payload))
+    page = (render_site(results, tmp_path / "site").parent / "models" / "tiny-none.html").read_text()
+    assert "Stale" in page and ("converged" in page or "budget-sensitive:" in page)

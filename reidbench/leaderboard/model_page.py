@@ -75,8 +75,33 @@ def provenance(records: list[CellRecord]) -> list[tuple[str, str]]:
     return rows
 
 
-def model_page(model: str, cells: pd.DataFrame, entries: list[tuple[Path, CellRecord]]) -> dict:
-    """What a model's page shows, from its cells (rows of the flat table) and (path, record) pairs."""
+def sweep_summary(finding: Optional[dict], records: list[CellRecord]) -> Optional[dict]:
+    """The budget sweep's finding for the page (``benchmarks/attack_budget.py``): Rank-1 per
+    iteration budget and the verdict; ``stale`` when it was measured on weights none of the
+    model's cells has (a retraining since), so that it is never read as this model's."""
+    if not isinstance(finding, dict) or not isinstance(finding.get("points"), dict):
+        return None
+    try:
+        points = [{"iterations": int(n), "rank1": float(p["rank1"]), "interval": [float(v) for v in p["interval"]]}
+                  for n, p in sorted(finding["points"].items(), key=lambda kv: int(kv[0]))]
+    except (KeyError, TypeError, ValueError):
+        return None
+    if finding.get("at_floor"):
+        verdict = "at the floor: the strongest cell's Rank-1 interval reaches 0, so no budget can flag it (not rerun)"
+    elif finding.get("flag"):
+        verdict = "budget-sensitive: Rank-1 at the largest budget is below the protocol budget's interval" + \
+            (", and still falling at the last step" if finding.get("still_falling") else "")
+    else:
+        verdict = "converged: no budget took Rank-1 below the protocol budget's interval"
+    weights = {r.model.weights_sha256 for r in records}
+    return {"attack": finding.get("attack"), "points": points, "verdict": verdict,
+            "stale": finding.get("weights_sha256") not in weights, "command": finding.get("command")}
+
+
+def model_page(model: str, cells: pd.DataFrame, entries: list[tuple[Path, CellRecord]],
+               sweep: Optional[dict] = None) -> dict:
+    """What a model's page shows, from its cells (rows of the flat table) and (path, record)
+    pairs; ``sweep``: the budget sweep's finding for the model, if it was swept."""
     by_path = {str(path): record for path, record in entries}
     records = [record for _, record in entries]
     datasets = []
@@ -105,4 +130,5 @@ def model_page(model: str, cells: pd.DataFrame, entries: list[tuple[Path, CellRe
         "recipe": _distinct([r.model.recipe for r in records]),
         "architecture": _distinct([r.model.model for r in records]),
         "provenance": provenance(records), "datasets": datasets, "table": model_table(model, cells),
+        "sweep": sweep_summary(sweep, records),
     }

@@ -98,8 +98,8 @@ def _render_version(results_root: Path, out_dir: Path, protocol_version: str, ap
     cells = cells_frame([row for _, _, row in loaded])
     env = Environment(loader=FileSystemLoader(LEADERBOARD_DIR / "templates"), autoescape=select_autoescape(["html", "j2"]),
                       keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
-    sections = index_sections(cells, _grid(protocol_version), read_budget_sweep(results_root, protocol_version),
-                              protocol_version)
+    sweep = read_budget_sweep(results_root, protocol_version)
+    sections = index_sections(cells, _grid(protocol_version), sweep, protocol_version)
     files: dict[Path, str] = {}
     for section in sections:
         for table in section["tables"]:
@@ -110,7 +110,7 @@ def _render_version(results_root: Path, out_dir: Path, protocol_version: str, ap
         records_by_model.setdefault(row["model"], []).append((path, record))
     page_template = env.get_template("model.html.j2")
     for model in sorted(records_by_model):
-        page = model_page(model, cells[cells["model"] == model], records_by_model[model])
+        page = model_page(model, cells[cells["model"] == model], records_by_model[model], sweep.get(model))
         name = page_name(model)
         files[out_dir / "models" / f"{name}.html"] = page_template.render(root="../", protocol_version=protocol_version, model=page)
         files[out_dir / "models" / f"{name}.csv"] = page["table"].csv()
