@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -52,8 +53,22 @@ def environment() -> dict:
             versions[package] = None
     return {"versions": versions, "git_commit": commit, "python": platform.python_version(),
             "platform": platform.platform(terse=True), "cpu_count": os.cpu_count(),
-            "cpu_capability": cpu_capability(),
+            "cpu_capability": cpu_capability(), "cpu_model": cpu_model(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def cpu_model() -> Optional[str]:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what the platform says, or None).
+    The instruction set alone does not pin CPU training: two AVX512 hosts, one of them an AMD
+    EPYC, trained the Market baseline to different weights (market-imagenet.md), plausibly
+    because the math libraries pick their kernels by vendor as well."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def cpu_capability() -> str:

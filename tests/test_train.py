@@ -59,6 +59,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tiny_split, tmp_path, mo
     assert record["epochs_this_run"] == 1 and record["wall_time_s"] > resumed.seconds
     # the kernels' instruction set: two hosts that differ in it train to different weights
     assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "cpu_model" in record
     assert loop.training_record(tmp_path / "full")["wall_time_s"] == pytest.approx(full.seconds, abs=1e-3)
     assert not any("time" in key for key in load_file_metadata(resumed.weights))
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]

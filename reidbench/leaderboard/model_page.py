@@ -68,6 +68,8 @@ def provenance(records: list[CellRecord]) -> list[tuple[str, str]]:
              ("CPU cores", _distinct([e.get("cpu_count") for e in env]))]
     if any(e.get("cpu_capability") for e in env):  # older records lack it: their pages stay as they were
         rows.append(("CPU kernels", _distinct([e.get("cpu_capability") for e in env])))
+    if any(e.get("cpu_model") for e in env):
+        rows.append(("CPU model", _distinct([e.get("cpu_model") for e in env])))
     rows += [("python", _distinct([e.get("python") for e in env])),
              ("platform", _distinct([e.get("platform") for e in env])),
              ("git commit", _distinct([e.get("git_commit") for e in env])),

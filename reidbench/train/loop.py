@@ -24,7 +24,7 @@ from ..data.sampler import PKSampler
 from ..data.split import ReIDSubset, TrackletSubset
 from ..defense import Defense, TrainBatch
 from ..errors import ReIDBenchError
-from ..hardware import cpu_capability
+from ..hardware import cpu_capability, cpu_model
 from ..progress import console, log, progress_bar
 from .augment import random_erasing, random_flip, random_pad_crop
 
@@ -242,6 +242,6 @@ def train_model(
     atomic_write(workdir / TRAINING_RECORD, (json.dumps(
         {"wall_time_s": round(earlier_seconds + seconds, 3), "epochs": recipe.epochs,
          "epochs_this_run": recipe.epochs - start_epoch, "device": str(device), "threads": torch.get_num_threads(),
-         "cpu_capability": cpu_capability()},
+         "cpu_capability": cpu_capability(), "cpu_model": cpu_model()},
         sort_keys=True) + "\n").encode())
     return TrainResult(final, recipe.epochs - start_epoch, history, seconds)
