@@ -199,7 +199,9 @@ class IterativeMetricAttack(Attack):
         What differs from ``iterations = n`` run alone, for a reader of the numbers: a broken
         query keeps the point that first broke it, not a later, worse one, so mAP is that of
         an attack that stops on success (Rank-1 is the same on a deterministic model, up to
-        floating-point differences between batch sizes); random draws (start, guides, EOT)
+        floating-point differences between batch sizes; on a stochastic one, a point broken
+        under each of the attacker's draws may still hold under the evaluation's own draw,
+        which a longer run, pushing the match further down, would make less likely); random draws (start, guides, EOT)
         come from the same seeded stream shared by fewer queries; the restarts run every
         query unbroken at the smallest budget, each budget keeping its worse point. A
         point is scored with the guides its iteration drew (LTA), including the last. Without
