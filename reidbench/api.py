@@ -158,7 +158,8 @@ def benchmark(model: Union[nn.Module, str, Path], dataset: Optional[DatasetSpec]
     queries. Records go to ``results`` (default ``./results``), under the model's id.
     """
     from .protocol import load_protocol
-    from .runner import Runner, check_attack_names
+    from .grid import check_attack_names
+    from .runner import Runner
     from .zoo.schema import ZooEntry, get_entry, load_zoo
 
     protocol = load_protocol()

@@ -60,7 +60,7 @@ def cmd_run(args) -> int:
         raise ReIDBenchError(f"--queries must be a positive number of queries, got {args.queries}")
     if args.attack:
         # The protocol's grid skips cells it does not define; a named attack must run.
-        from .runner import undefined_cell
+        from .grid import undefined_cell
 
         for entry in entries:
             for name in attacks:
@@ -68,7 +68,7 @@ def cmd_run(args) -> int:
                 if reason:
                     raise ReIDBenchError(f"cannot run '{name}' on model '{entry.id}': {reason}; leave it out of --attack")
     executor = build_executor(args.executor, args.address, args.jobs)
-    # Without --attack: the protocol's whole suite (runner.protocol_grid), secondary ε included.
+    # Without --attack: the protocol's whole suite (grid.protocol_grid), secondary ε included.
     executor.run(spec, [e.id for e in entries], args.attack, eps_values, zoo=zoo)
     index = render_site(Path(args.results), Path(args.site) if args.site else None, protocol.version)
     log(f"leaderboard: {index}")

@@ -127,7 +127,7 @@ class ProcessExecutor:
     def run(self, spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]] = None,
             eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
-        from .runner import protocol_grid
+        from .grid import protocol_grid
 
         zoo, protocol, needed = _plan(spec, entry_ids, attacks, zoo)
         # Every model a training needs, its own bases included, each with what must exist first.
@@ -294,7 +294,7 @@ def _plan(spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]], zoo
     """What a multi-process executor needs before it starts: the zoo, the protocol (attack
     names checked, so a typo fails before any work) and the models each entry's cells need."""
     from .protocol import load_protocol
-    from .runner import check_attack_names
+    from .grid import check_attack_names
     from .zoo.schema import load_zoo
 
     zoo = zoo if zoo is not None else load_zoo(spec.zoo)
@@ -321,7 +321,8 @@ class RayExecutor:
     def run(self, spec: RunSpec, entry_ids: list[str], attacks: Optional[list[str]] = None,
             eps_values: Optional[list[float]] = None,
             zoo: Optional[dict] = None) -> list[Path]:
-        from .runner import attack_id, protocol_grid
+        from .grid import protocol_grid
+        from .runner import attack_id
 
         ray = _import_ray()
         zoo, protocol, needed = _plan(spec, entry_ids, attacks, zoo)

@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -30,13 +30,13 @@ from .features import embed, extract_features
 from .metrics import evaluate_rank, identity_spread, k_reciprocal_rerank, metric_intervals, pairwise_distance
 from .models import build_model, check_model_fits
 from .progress import log, progress_bar, run_progress
-from .registry import ATTACKS
 from .protocol import Protocol, load_protocol
 from .record import METRIC_LABELS, CellRecord, DatasetInfo, Metrics, ModelInfo, Perturbation, ProtocolRef
 from .hardware import environment, resolve_device
 from .results import cell_intact, cell_path, read_cell, write_cell
 from .cache import sha256_file
 from .zoo import ZooEntry, load_weights, obtain_weights, training_entry
+from .grid import check_attack_names, protocol_grid
 
 
 def attack_id(name: str, eps: float) -> str:
@@ -429,8 +429,8 @@ class Runner:
             dataset: Optional[dict] = None) -> list[Path]:
         """Every (entry × attack × ε) cell, on each entry's own dataset or on ``dataset``
         (cross-dataset: train on A, test on B; the cells are filed under B); ``attacks`` None:
-        the protocol's whole suite (:func:`protocol_grid`). A cell the protocol does not
-        define (:func:`undefined_cell`) is skipped with its reason."""
+        the protocol's whole suite (:func:`reidbench.grid.protocol_grid`). A cell the protocol does not
+        define (:func:`reidbench.grid.undefined_cell`) is skipped with its reason."""
         check_attack_names(attacks or self.protocol.attacks(), self.protocol)
         paths = []
         cells = list(protocol_grid(self.protocol, entries, attacks, eps_values, dataset["name"] if dataset else None))
@@ -442,73 +442,6 @@ class Runner:
                     log(f"[green]✓[/] {entry.id} × {path.stem}")
                 advance()
         return paths
-
-
-def protocol_grid(protocol: Protocol, entries: list[ZooEntry], attacks: Optional[list[str]] = None,
-                  eps_values: Optional[list[float]] = None,
-                  test_dataset: Optional[str] = None) -> Iterator[tuple[ZooEntry, str, float]]:
-    """The (entry, attack, ε) cells of a run, in grid order, each on ``test_dataset`` or the
-    entry's own; a cell the protocol does not define (:func:`undefined_cell`) is left out, and
-    the log says why. Every executor walks the grid through here.
-
-    ``attacks`` None is the protocol's whole suite, what ``run --all`` runs: its grid at the
-    primary ε (or ``eps_values``), its secondary attacks at the secondary ε
-    (:attr:`Protocol.secondary_attacks`), and, against a model whose defense transforms its
-    input, the oblivious attack: the non-adaptive reference beside the adaptive cells."""
-    for entry in entries:
-        if attacks is not None:
-            plan = [(attacks, eps_values or [protocol.eps])]
-        else:
-            plan = [(protocol.attacks(), eps_values or [protocol.eps])]
-            if eps_values is None:
-                plan.append((protocol.secondary_attacks, [protocol.eps_secondary]))
-            if transforms_input(entry.defense):
-                plan.append((["oblivious"], eps_values or [protocol.eps]))
-        for names, budgets in plan:
-            for name in names:
-                reason = undefined_cell(protocol, name, test_dataset or entry.dataset_name, entry.defense)
-                if reason:
-                    log(f"[yellow]–[/] {entry.id} × {name}: not run ({reason})")
-                    continue
-                for eps in budgets:
-                    yield entry, name, eps
-
-
-def transforms_input(defense: dict) -> bool:
-    """Whether the defense a zoo entry names (its ``defense`` mapping) transforms the input."""
-    return build_defense(defense).input_transform() is not None
-
-
-def undefined_cell(protocol: Protocol, attack_name: str, dataset_name: str,
-                   defense: Optional[dict] = None) -> Optional[str]:
-    """Why ``protocol`` defines no cell for ``attack_name`` on ``dataset_name``; None when it
-    does. A transfer attack needs the surrogate the protocol fixes for the dataset, and a
-    surrogate of our choosing would make the number incomparable, so where the protocol fixes
-    none (e.g. v1 on video data) the cell does not exist. With ``defense`` (the entry's), an
-    attack that aims with the bare network (the oblivious attack) has no cell on a model whose
-    defense transforms no input: there it would repeat its inner attack's cell."""
-    needs = ATTACKS.get(attack_name).needs_for()
-    if "surrogate" in needs and not protocol.has_surrogate(dataset_name):
-        return f"protocol {protocol.version} fixes no transfer surrogate for dataset '{dataset_name}'"
-    if "bare" in needs and defense is not None and not transforms_input(defense):
-        return "its defense transforms no input, so the oblivious attack is M-I-FGSM itself"
-    return None
-
-
-def check_attack_names(attacks: list[str], protocol: Optional[Protocol] = None) -> None:
-    """Fail on a bad attack name before any work is done; with ``protocol``, also on a protocol
-    the registry cannot run as written: a grid attack or variant that is not registered, or a
-    grid attack perturbing another side than the protocol's ``perturbed``."""
-    for name in attacks:
-        ATTACKS.get(name)
-    if protocol is not None:
-        for name in protocol.variants:
-            ATTACKS.get(name)
-        for name in protocol.attacks():
-            side = ATTACKS.get(name).perturbs
-            if side != protocol.perturbed:
-                raise ReIDBenchError(f"protocol {protocol.version}: grid attack '{name}' perturbs the "
-                                     f"{side}, the protocol the {protocol.perturbed}")
 
 
 def input_gradient_zero_share(model: torch.nn.Module, images: torch.Tensor, ctx: AttackContext, normalize: bool) -> float:

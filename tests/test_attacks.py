@@ -49,7 +49,7 @@ def test_a_wrapper_takes_its_inner_attacks_traits():
 
 def test_planning_a_grid_builds_no_attack(no_attack_built):
     from reidbench.protocol import load_protocol
-    from reidbench.runner import check_attack_names, undefined_cell
+    from reidbench.grid import check_attack_names, undefined_cell
 
     protocol = load_protocol()
     check_attack_names(ATTACKS.names())

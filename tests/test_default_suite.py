@@ -8,7 +8,8 @@ from reidbench.cli import main
 from reidbench.protocol import load_protocol
 from reidbench.registry import ATTACKS, DEFENSES
 from reidbench.results import iter_cells
-from reidbench.runner import attack_id, protocol_grid, undefined_cell
+from reidbench.grid import protocol_grid, undefined_cell
+from reidbench.runner import attack_id
 from reidbench.zoo import DEFAULT_ZOO, load_zoo
 
 

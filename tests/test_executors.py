@@ -225,7 +225,8 @@ def test_trainings_wait_for_the_models_they_start_from(tiny_zoo_file, tmp_path):
 def test_the_whole_suite_adds_the_secondary_budget_and_the_oblivious_reference(tiny_zoo_file, tmp_path):
     """`run --all` without --attack: the grid at the primary ε, M-I-FGSM at the secondary ε,
     and the oblivious attack against a model whose defense transforms its input only."""
-    from reidbench.runner import attack_id, protocol_grid
+    from reidbench.grid import protocol_grid
+    from reidbench.runner import attack_id
 
     zoo = load_zoo(grid_zoo(tiny_zoo_file, tmp_path / "zoo.yaml"))
     protocol = load_protocol()

@@ -16,7 +16,7 @@ MAX_LINES = 520
 DEFERRED_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 # The layers that drive a run; a plugin builds on the engine's base modules, never on these.
-DRIVING_MODULES = ("reidbench.api", "reidbench.cli", "reidbench.executors", "reidbench.hub", "reidbench.leaderboard",
+DRIVING_MODULES = ("reidbench.api", "reidbench.cli", "reidbench.executors", "reidbench.grid", "reidbench.hub", "reidbench.leaderboard",
                    "reidbench.runner", "reidbench.validate")
 
 

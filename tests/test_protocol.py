@@ -10,7 +10,8 @@ import pytest
 from reidbench.errors import ReIDBenchError
 from reidbench.protocol import Protocol, known_versions, load_protocol
 from reidbench.registry import ATTACKS
-from reidbench.runner import Runner, check_attack_names
+from reidbench.grid import check_attack_names
+from reidbench.runner import Runner
 
 
 def with_changes(**changes) -> dict:

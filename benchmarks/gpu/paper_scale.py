@@ -253,7 +253,8 @@ def cmd_run(args) -> int:
     os.environ.setdefault("REIDBENCH_QUIET", "1")
     from reidbench.data import build_dataset
     from reidbench.hardware import resolve_device
-    from reidbench.runner import Runner, protocol_grid
+    from reidbench.grid import protocol_grid
+    from reidbench.runner import Runner
     from reidbench.zoo import get_entry, load_zoo, obtain_weights
 
     device = resolve_device(args.device)

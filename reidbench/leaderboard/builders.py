@@ -94,7 +94,7 @@ def expected_attacks(protocol_version: str, dataset: str, eps255) -> Optional[se
     """The attacks the protocol's suite runs on ``dataset`` at ``eps255`` (its grid at the
     primary ε, its secondary attacks at the secondary ε, less the cells it does not define
     there); None for a protocol this package does not know."""
-    from ..runner import undefined_cell  # here: the runner pulls in models, data and attacks
+    from ..grid import undefined_cell  # here: the grid pulls in the attack and defense catalogs
 
     try:
         protocol = load_protocol(protocol_version)
