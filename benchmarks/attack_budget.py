@@ -115,12 +115,6 @@ def strongest_cell(results_root: Path, protocol, dataset: str, model_id: str):
     return best[1] if best else None
 
 
-def strongest_attack(results_root: Path, protocol, dataset: str, model_id: str) -> Optional[tuple[str, float]]:
-    """(attack name, attacked Rank-1) of the model's white-box cell with the lowest Rank-1."""
-    record = strongest_cell(results_root, protocol, dataset, model_id)
-    return (record.attack["name"], record.attacked.rank1) if record else None
-
-
 def _known_attacks() -> set[str]:
     from reidbench.registry import ATTACKS
 
