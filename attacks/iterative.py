@@ -231,12 +231,7 @@ class IterativeMetricAttack(Attack):
         """One run to ``budgets[-1]`` iterations that drops each query once broken: {budget:
         (the best iterate among the points 0..budget, its score)}."""
         full = self.prepare(model, x0, dataclasses.replace(base, extra=dict(base.extra)))
-        if self.random_start:
-            noise = torch.rand(x0.shape, generator=full.generator).to(x0.device)
-            delta = (noise * 2 - 1) * self.eps
-        else:
-            delta = torch.zeros_like(x0)
-        delta = (x0 + delta).clamp(0, 1) - x0
+        delta = self._start(x0, full.generator)
         accumulated = torch.zeros_like(x0)
         best_delta, best_score = delta.clone(), None
         active = torch.arange(len(x0), device=x0.device)
@@ -263,14 +258,7 @@ class IterativeMetricAttack(Attack):
                 grad, active = grad[going], active[going]
                 if not len(active):
                     break
-            if self.momentum > 0:
-                scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True).clamp_min(1e-12)
-                accumulated[active] = self.momentum * accumulated[active] + grad / scale
-                direction = accumulated[active].sign()
-            else:
-                direction = grad.sign()
-            step = (delta[active] + self.step * direction).clamp(-self.eps, self.eps)
-            delta[active] = (x0[active] + step).clamp(0, 1) - x0[active]
+            delta[active], accumulated[active] = self._advance(x0[active], delta[active], accumulated[active], grad)
         for b in budgets:  # every query broke before the largest budget: later snapshots are the last
             if b not in found:
                 found[b] = (x0 + best_delta, best_score.clone())
@@ -280,12 +268,7 @@ class IterativeMetricAttack(Attack):
         """One run of the loop from a fresh start: its result (the last iterate, or the worst
         one with ``best_iterate``) and that point's score (None when not tracking)."""
         ctx = self.prepare(model, x0, dataclasses.replace(base, extra=dict(base.extra)))
-        if self.random_start:
-            noise = torch.rand(x0.shape, generator=ctx.generator).to(x0.device)
-            delta = (noise * 2 - 1) * self.eps
-        else:
-            delta = torch.zeros_like(x0)
-        delta = (x0 + delta).clamp(0, 1) - x0
+        delta = self._start(x0, ctx.generator)
         accumulated = torch.zeros_like(x0)
         best_delta, best_score = None, None
         for iteration in range(self.iterations):
@@ -293,15 +276,7 @@ class IterativeMetricAttack(Attack):
             grad, score = self._forward(model, x0 + delta, ctx)
             if self.best_iterate:
                 best_delta, best_score = self._keep_worse(best_delta, best_score, delta, score)
-            if self.momentum > 0:
-                # per query: over all of its pixels, every frame of a tracklet included
-                scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True).clamp_min(1e-12)
-                accumulated = self.momentum * accumulated + grad / scale
-                direction = accumulated.sign()
-            else:
-                direction = grad.sign()
-            delta = (delta + self.step * direction).clamp(-self.eps, self.eps)
-            delta = (x0 + delta).clamp(0, 1) - x0
+            delta, accumulated = self._advance(x0, delta, accumulated, grad)
         if not self.tracking:
             return x0 + delta, None
         # The final point is scored with the last iteration's guides (no new draw).
@@ -309,6 +284,28 @@ class IterativeMetricAttack(Attack):
         if self.best_iterate:
             delta, score = self._keep_worse(best_delta, best_score, delta, score)
         return x0 + delta, score
+
+    def _start(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A run's first perturbation: none, or a uniform draw in the ε-ball (random start),
+        kept inside [0, 1]."""
+        if self.random_start:
+            noise = torch.rand(x0.shape, generator=generator).to(x0.device)
+            delta = (noise * 2 - 1) * self.eps
+        else:
+            delta = torch.zeros_like(x0)
+        return (x0 + delta).clamp(0, 1) - x0
+
+    def _advance(self, x0: torch.Tensor, delta: torch.Tensor, accumulated: torch.Tensor, grad: torch.Tensor):
+        """One projected sign step from ``delta``: the new perturbation and momentum accumulator."""
+        if self.momentum > 0:
+            # per query: over all of its pixels, every frame of a tracklet included
+            scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True).clamp_min(1e-12)
+            accumulated = self.momentum * accumulated + grad / scale
+            direction = accumulated.sign()
+        else:
+            direction = grad.sign()
+        delta = (delta + self.step * direction).clamp(-self.eps, self.eps)
+        return (x0 + delta).clamp(0, 1) - x0, accumulated
 
     def _keep_worse(self, best_delta, best_score, delta, score):
         if best_delta is None:
