@@ -286,25 +286,28 @@ class Attack:
         raise ReIDBenchError(f"attack '{self.registry_name}' has no iteration count to sweep")
 
     def __call__(self, model: torch.nn.Module, queries: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-        return self._contained(model, queries, lambda: {0: self.perturb(model, queries, ctx)})[0]
+        return self._within_contract(queries, self._in_eval(model, lambda: self.perturb(model, queries, ctx)))
 
     def by_budget(self, model: torch.nn.Module, queries: torch.Tensor, ctx: AttackContext,
                   budgets: list[int]) -> dict[int, torch.Tensor]:
         """:meth:`perturb_by_budget` under the same contract as a call: {budget: images}."""
-        return self._contained(model, queries, lambda: self.perturb_by_budget(model, queries, ctx, budgets))
+        found = self._in_eval(model, lambda: self.perturb_by_budget(model, queries, ctx, budgets))
+        return {budget: self._within_contract(queries, adv) for budget, adv in found.items()}
 
-    def _contained(self, model, queries: torch.Tensor, run) -> dict:
+    @staticmethod
+    def _in_eval(model, run):
         # An attack sees frozen batch-norm statistics and no dropout whatever the caller's mode
         # (a training defense attacks its model mid-training); the caller gets its mode back.
         was_training = model.training
         model.eval()
         try:
-            out = run()
+            return run()
         finally:
             model.train(was_training)
+
+    def _within_contract(self, queries: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
         # The contract is enforced once here, whatever a subclass did.
-        return {key: torch.min(torch.max(adv, queries - self.eps), queries + self.eps).clamp_(0.0, 1.0).detach()
-                for key, adv in out.items()}
+        return torch.min(torch.max(adv, queries - self.eps), queries + self.eps).clamp_(0.0, 1.0).detach()
 
 
 def build_attack(name: str, eps: float, step: float, iterations: int, seed: int = 0, **params) -> Attack:
