@@ -24,8 +24,8 @@ import time
 from reidbench.attack import build_attack
 from reidbench.errors import ReIDBenchError
 from reidbench.protocol import CURRENT_VERSION, load_protocol
-from reidbench.runner import ModelBundle, Runner
-from reidbench.zoo import get_entry, load_zoo
+from reidbench.runner import Runner
+from reidbench.zoo import ZooEntry, get_entry, load_zoo
 
 
 class SwappedSurrogateRunner(Runner):
@@ -33,10 +33,8 @@ class SwappedSurrogateRunner(Runner):
 
     surrogate_id: str = ""
 
-    def surrogate_bundle(self, bundle: ModelBundle) -> ModelBundle:
-        entry = get_entry(self.zoo, self.surrogate_id)
-        return self.bundle(entry, bundle.entry.dataset if bundle.split.name == bundle.entry.dataset_name
-                           else {"name": bundle.split.name})
+    def surrogate_entry(self, dataset_name: str) -> ZooEntry:
+        return get_entry(self.zoo, self.surrogate_id)
 
 
 def _cell(metrics: dict) -> str:

@@ -209,14 +209,19 @@ class Runner:
             blob["query_subset"] = bundle.split.info["query_subset"]
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
-    def surrogate_bundle(self, bundle: ModelBundle) -> ModelBundle:
-        """The protocol's fixed surrogate for the dataset, evaluated on the same split."""
-        surrogate_id = self.protocol.surrogate(bundle.split.name)
+    def surrogate_entry(self, dataset_name: str) -> ZooEntry:
+        """The zoo entry of the protocol's fixed surrogate for the dataset."""
+        surrogate_id = self.protocol.surrogate(dataset_name)
         if surrogate_id not in self.zoo:
             raise ReIDBenchError(
                 f"protocol {self.protocol.version} names surrogate '{surrogate_id}' for dataset "
-                f"'{bundle.split.name}', but the zoo has no such model")
-        return self.bundle(self.zoo[surrogate_id], bundle.entry.dataset if bundle.split.name == bundle.entry.dataset_name
+                f"'{dataset_name}', but the zoo has no such model")
+        return self.zoo[surrogate_id]
+
+    def surrogate_bundle(self, bundle: ModelBundle) -> ModelBundle:
+        """The surrogate for the dataset, evaluated on the same split."""
+        return self.bundle(self.surrogate_entry(bundle.split.name),
+                           bundle.entry.dataset if bundle.split.name == bundle.entry.dataset_name
                            else {"name": bundle.split.name})
 
     def run_cell(self, entry: ZooEntry, attack_name: str, eps: Optional[float] = None, dataset: Optional[dict] = None) -> Optional[Path]:
