@@ -97,6 +97,17 @@ def random_mobilenet_trunk(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def benchmark_script(name: str):
+    """benchmarks/<name>.py loaded as a module, so that a test calls its functions and main()
+    in-process (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cell_record(**fields):
     """A complete cell record of a made-up white-box cell, for tests that need records without
     running one; ``fields`` (top-level keys of the record's JSON) replace its own, and a field

@@ -1,24 +1,18 @@
 """The budget sweep (benchmarks/attack_budget.py): its flag rule, and a run on the tiny model
 that writes the file the leaderboard reads."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import benchmark_script
 
 from reidbench.results import BUDGET_FLAG, budget_sweep_path, read_budget_sweep
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "attack_budget.py"
 
 
 @pytest.fixture(scope="module")
 def budget():
-    spec = importlib.util.spec_from_file_location("attack_budget", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("attack_budget")
 
 
 def point(rank1, half=0.05):

@@ -1,19 +1,12 @@
 """benchmarks/surrogate_choice.py: the protocol's transfer attack with the surrogate swapped."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "surrogate_choice.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def choice():
-    spec = importlib.util.spec_from_file_location("surrogate_choice", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("surrogate_choice")
 
 
 def test_each_surrogate_crafts_its_own_transfer(choice, tiny_model, tiny_zoo_file, tmp_path, capsys):
