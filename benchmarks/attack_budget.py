@@ -3,7 +3,8 @@ attack gets more iterations? A gradient-masking check of protocol v2.
 
     python benchmarks/attack_budget.py MODEL_ID [MODEL_ID ...] [--iterations 15 100 500]
     python benchmarks/attack_budget.py --all [--suite NAME]     # every defended zoo model
-    options: --attack NAME (else the strongest in the store), --protocol VERSION, --results DIR
+    options: --attack NAME (else the strongest in the store), --protocol VERSION, --results DIR,
+             --site DIR (the leaderboard, re-rendered with the flags; --no-render to skip)
 
 Against a real defense, a white-box attack converges: more iterations change little. When a
 defense only hides its gradient (a non-differentiable transform under BPDA, a stochastic one
@@ -51,6 +52,7 @@ import numpy as np
 
 from reidbench.attack import build_attack
 from reidbench.errors import ReIDBenchError
+from reidbench.leaderboard import render_site
 from reidbench.protocol import CURRENT_VERSION, load_protocol
 from reidbench.cache import atomic_write
 from reidbench.results import BUDGET_FLAG, budget_sweep_path, iter_cells
@@ -185,9 +187,12 @@ def sweep_model(runner: Runner, model_id: str, iterations: list[int], attack_nam
 def write_findings(results_root: Path, protocol, findings: dict[str, dict], command: str) -> Path:
     path = budget_sweep_path(results_root, protocol.version)
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    models = dict(previous.get("models", {}))
+    # Each finding keeps the fingerprint it was measured under: a protocol edit since makes it
+    # stale (results.sweep_is_current), it must not inherit the new one.
+    before = previous.get("protocol", {}).get("fingerprint")
+    models = {m: {"protocol_fingerprint": before, **f} for m, f in previous.get("models", {}).items()}
     for model_id, finding in findings.items():
-        models[model_id] = {**finding, "command": command}
+        models[model_id] = {**finding, "command": command, "protocol_fingerprint": protocol.fingerprint()}
     payload = {"schema": 1, "protocol": {"version": protocol.version, "fingerprint": protocol.fingerprint()},
                "flag": BUDGET_FLAG, "models": models}
     atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), check=False)
@@ -204,6 +209,9 @@ def main(argv=None) -> None:
     parser.add_argument("--iterations", type=int, nargs="+", default=[15, 100, 500])
     parser.add_argument("--protocol", default=CURRENT_VERSION)
     parser.add_argument("--results", default="results")
+    parser.add_argument("--site", default=None,
+                        help="where to render the leaderboard with the flags (default: ./leaderboard/site, as run)")
+    parser.add_argument("--no-render", action="store_true", help="write the findings only")
     parser.add_argument("--zoo", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rerun-floor", action="store_true",
@@ -213,7 +221,7 @@ def main(argv=None) -> None:
         zoo = load_zoo(args.zoo)
         models = list(args.models)
         if args.all:
-            models += [e.id for e in zoo.values() if e.defense.get("name", "none") not in ("none", None)
+            models += [e.id for e in zoo.values() if e.defended
                        and (args.suite is None or args.suite in (e.suite or [])) and e.id not in models]
         if not models:
             raise ReIDBenchError("name at least one model, or --all")
@@ -244,6 +252,8 @@ def main(argv=None) -> None:
                   + f" | {'–' if store is None else f'{100 * store:.1f}'} | {flag} | {finding.get('seconds', '–')} |",
                   flush=True)
         print(f"\nwritten: {path}")
+        if not args.no_render:
+            print(f"leaderboard: {render_site(Path(args.results), Path(args.site) if args.site else None, protocol.version)}")
     except ReIDBenchError as exc:
         sys.exit(f"error: {exc}")
 

@@ -167,8 +167,20 @@ def read_budget_sweep(root: Path, protocol_version: str) -> dict[str, dict]:
     if not path.is_file():
         return {}
     try:
-        models = json.loads(path.read_text()).get("models", {})
+        payload = json.loads(path.read_text())
+        models, fingerprint = payload.get("models", {}), payload.get("protocol", {}).get("fingerprint")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
         log(f"[yellow]warning:[/] skipping malformed budget sweep {path}: {exc.__class__.__name__}")
         return {}
-    return models if isinstance(models, dict) else {}
+    if not isinstance(models, dict):
+        return {}
+    # A file written before findings carried their own fingerprint holds them under the file's.
+    return {m: {"protocol_fingerprint": fingerprint, **f} if isinstance(f, dict) else f for m, f in models.items()}
+
+
+def sweep_is_current(finding: Optional[dict], weights_sha256: set[str], fingerprints: set[str]) -> bool:
+    """Whether a budget-sweep finding was measured on one of these weights under one of these
+    protocol fingerprints; one that was not (a retraining or a protocol edit since) is stale and
+    never read as the model's."""
+    return isinstance(finding, dict) and finding.get("weights_sha256") in weights_sha256 \
+        and finding.get("protocol_fingerprint") in fingerprints

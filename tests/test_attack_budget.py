@@ -40,9 +40,11 @@ def test_the_local_interval_resamples_identities(budget):
 def test_a_sweep_on_the_tiny_model_writes_what_the_leaderboard_reads(budget, tiny_model, tiny_zoo_file, tmp_path, capsys):
     results = tmp_path / "results"
     budget.main(["tiny-none", "--attack", "m-ifgsm", "--iterations", "1", "4", "--protocol", "v1",
-                 "--results", str(results), "--zoo", str(tiny_zoo_file), "--device", "cpu"])
+                 "--results", str(results), "--zoo", str(tiny_zoo_file), "--device", "cpu",
+                 "--site", str(tmp_path / "site")])
     out = capsys.readouterr().out
     assert "| tiny-none | m-ifgsm |" in out
+    assert f"leaderboard: {tmp_path / 'site' / 'index.html'}" in out and (tmp_path / "site" / "index.html").is_file()
     found = read_budget_sweep(results, "v1")
     entry = found["tiny-none"]
     assert set(entry["points"]) == {"1", "4"} and isinstance(entry["flag"], bool)
@@ -56,7 +58,7 @@ def test_a_sweep_on_the_tiny_model_writes_what_the_leaderboard_reads(budget, tin
 def test_an_attack_without_iterations_is_refused(budget, tiny_model, tiny_zoo_file, tmp_path):
     with pytest.raises(SystemExit, match="no iteration count"):
         budget.main(["tiny-none", "--attack", "m-fgsm", "--iterations", "1", "2", "--protocol", "v1",
-                     "--results", str(tmp_path), "--zoo", str(tiny_zoo_file), "--device", "cpu"])
+                     "--results", str(tmp_path), "--zoo", str(tiny_zoo_file), "--device", "cpu", "--no-render"])
 
 
 def tiny_runner(tiny_zoo_file, results):
@@ -142,7 +144,7 @@ def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(budget
     real_bundle = Runner.bundle
     monkeypatch.setattr(Runner, "bundle", lambda *a, **k: pytest.fail("a model at the floor was loaded"))
     budget.main(["tiny-none", "--iterations", "15", "100", "--results", str(results), "--zoo", str(tiny_zoo_file),
-                 "--device", "cpu"])
+                 "--device", "cpu", "--no-render"])
     assert "at the floor" in capsys.readouterr().out
     entry = read_budget_sweep(results, "v2")["tiny-none"]
     assert entry["at_floor"] and entry["flag"] is False and entry["attack"] == "m-ifgsm"
@@ -153,7 +155,7 @@ def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(budget
 
     monkeypatch.setattr(Runner, "bundle", real_bundle)
     budget.main(["tiny-none", "--iterations", "1", "3", "--rerun-floor", "--results", str(results),
-                 "--zoo", str(tiny_zoo_file), "--device", "cpu"])
+                 "--zoo", str(tiny_zoo_file), "--device", "cpu", "--no-render"])
     entry = read_budget_sweep(results, "v2")["tiny-none"]
     assert not entry.get("at_floor") and set(entry["points"]) == {"1", "3"} and entry["seconds"] >= 0
     entry["weights_sha256"] = "0" * 64  # a sweep of a retraining: the page must not pass it off as this model's
@@ -161,5 +163,33 @@ def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(budget
     payload = json.loads(path.read_text())
     payload["models"]["tiny-none"] = entry
     path.write_text(json.dumps(payload))
-    page = (render_site(results, tmp_path / "site").parent / "models" / "tiny-none.html").read_text()
-    assert "Stale" in page and ("converged" in page or "budget-sensitive:" in page)
+    entry["flag"] = True  # even a flag: the index names the finding stale and never flags these cells with it
+    payload["models"]["tiny-none"] = entry
+    path.write_text(json.dumps(payload))
+    index = render_site(results, tmp_path / "site")
+    page = (index.parent / "models" / "tiny-none.html").read_text()
+    assert "Stale" in page and "budget-sensitive:" in page
+    assert "budget sweep stale" in index.read_text() and "budget-sensitive" not in index.read_text()
+
+
+def test_a_finding_keeps_the_fingerprint_it_was_measured_under(budget, tmp_path):
+    """Merging a sweep under an edited protocol into the file leaves the earlier findings under
+    their own fingerprint: they are stale there, not silently current."""
+    from reidbench.protocol import Protocol, load_protocol
+    from reidbench.results import sweep_is_current
+
+    v2 = load_protocol("v2")
+    edited = Protocol("v2", {**json.loads(json.dumps(v2.raw)), "note": "an edit"})
+    assert edited.fingerprint() != v2.fingerprint()
+    budget.write_findings(tmp_path, v2, {"a": {"weights_sha256": "w", "flag": True}}, "first")
+    budget.write_findings(tmp_path, edited, {"b": {"weights_sha256": "w", "flag": False}}, "second")
+    found = read_budget_sweep(tmp_path, "v2")
+    assert found["a"]["protocol_fingerprint"] == v2.fingerprint() and found["b"]["protocol_fingerprint"] == edited.fingerprint()
+    assert sweep_is_current(found["a"], {"w"}, {v2.fingerprint()})
+    assert not sweep_is_current(found["a"], {"w"}, {edited.fingerprint()}) and not sweep_is_current(found["a"], {"x"}, {v2.fingerprint()})
+
+    # A file written before findings carried their own fingerprint: they read under the file's.
+    path = budget_sweep_path(tmp_path, "v2")
+    path.write_text(json.dumps({"schema": 1, "protocol": {"version": "v2", "fingerprint": "f0"},
+                                "models": {"c": {"weights_sha256": "w"}}}))
+    assert read_budget_sweep(tmp_path, "v2")["c"]["protocol_fingerprint"] == "f0"

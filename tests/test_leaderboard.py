@@ -431,14 +431,28 @@ def test_a_budget_sensitive_model_is_flagged_in_the_summary(results, tmp_path):
     from reidbench.protocol import CURRENT_VERSION
     from reidbench.results import BUDGET_FLAG, budget_sweep_path
 
+    from reidbench.results import iter_cells
+
+    def measured_on(model):  # the finding of a sweep of the weights the model's cells hold
+        record = next(r for _, r in iter_cells(results / CURRENT_VERSION / "synthetic" / model))
+        return {"weights_sha256": record.model.weights_sha256, "protocol_fingerprint": record.protocol.fingerprint}
+
     path = budget_sweep_path(results, CURRENT_VERSION)
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"flag": BUDGET_FLAG, "models": {"m-at": {"flag": True}, "m-none": {"flag": False}}}))
-    index = render_site(results, tmp_path / "site").read_text()
-    summary = index[index.index("<table"):index.index("</table>")]  # past the picture, which links models too
-    at_row = summary[summary.index("m-at.html"):].split("</tr>")[0]
-    none_row = summary[summary.index("m-none.html"):].split("</tr>")[0]
-    assert BUDGET_FLAG in at_row and BUDGET_FLAG not in none_row
+    findings = {"m-at": {"flag": True, **measured_on("m-at")}, "m-none": {"flag": False, **measured_on("m-none")}}
+    path.write_text(json.dumps({"flag": BUDGET_FLAG, "models": findings}))
+
+    def rows():
+        index = render_site(results, tmp_path / "site").read_text()
+        summary = index[index.index("<table"):index.index("</table>")]  # past the picture, which links models too
+        return [summary[summary.index(f"{m}.html"):].split("</tr>")[0] for m in ("m-at", "m-none")]
+
+    at_row, none_row = rows()
+    assert BUDGET_FLAG in at_row and BUDGET_FLAG not in none_row and "stale" not in at_row + none_row
+    findings["m-at"]["weights_sha256"] = "0" * 64  # a retraining since the sweep: its flag is not these cells'
+    path.write_text(json.dumps({"flag": BUDGET_FLAG, "models": findings}))
+    at_row, _ = rows()
+    assert BUDGET_FLAG not in at_row and "budget sweep stale" in at_row
 
 
 def test_incomplete_models_follow_the_complete_ones_unranked(tmp_path):

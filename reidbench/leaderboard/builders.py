@@ -22,7 +22,7 @@ import pandas as pd
 from ..checks import consistent_cells, cross_cell_flags, stale_note, worst_case
 from ..errors import ReIDBenchError
 from ..protocol import load_protocol
-from ..results import BUDGET_FLAG
+from ..results import BUDGET_FLAG, sweep_is_current
 from .plots import robustness_map
 from .records import INTERVAL_SOURCES, is_missing, threat_key, threat_order, to_eps255
 from .table import Column, Table, eps_text, page_name, put_value, table_slug
@@ -128,6 +128,16 @@ def _by_worst_rank1(rows: list[dict]) -> list[dict]:
     return ordered
 
 
+def _sweep_flag(finding: Optional[dict], mcells: pd.DataFrame) -> Optional[str]:
+    """The budget sweep's word in the summary: the flag when the sweep measured these cells'
+    weights under their protocol, a stale note when it measured others (never their flag)."""
+    if not isinstance(finding, dict):
+        return None
+    if not sweep_is_current(finding, set(mcells["weights_sha256"]), set(mcells["protocol_fingerprint"])):
+        return "budget sweep stale: other weights or protocol than the cells"
+    return BUDGET_FLAG if finding.get("flag") else None
+
+
 def summary_table(dataset: str, eps255, cells: pd.DataFrame, grid: Optional[set[str]],
                   sweep: Optional[dict] = None, expected: Optional[set[str]] = None) -> Table:
     """The headline of one dataset at one ε: reported, standardized and adaptive numbers.
@@ -156,8 +166,8 @@ def summary_table(dataset: str, eps255, cells: pd.DataFrame, grid: Optional[set[
             row["adaptive.attacks"] = adaptive["attacks"]
             stale += adaptive["stale"]
             any_adaptive = True
-        sensitive = BUDGET_FLAG if (sweep or {}).get(model, {}).get("flag") else None
-        row["flags"] = _flags(mcells, mcells[mcells["standardized"].astype(bool)], [incomplete, stale_note(stale), sensitive])
+        row["flags"] = _flags(mcells, mcells[mcells["standardized"].astype(bool)],
+                              [incomplete, stale_note(stale), _sweep_flag((sweep or {}).get(model), mcells)])
         any_reported |= "reported.source" in row
         rows.append(row)
     columns = [Column("rank", "#", kind="int")] + MODEL_COLUMNS

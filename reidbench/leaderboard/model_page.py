@@ -12,6 +12,7 @@ from typing import Optional
 import pandas as pd
 
 from ..record import CellRecord, ProtocolRef
+from ..results import sweep_is_current
 from .builders import first_value, model_table
 from .plots import robustness_svg
 from .records import is_missing
@@ -95,9 +96,10 @@ def sweep_summary(finding: Optional[dict], records: list[CellRecord]) -> Optiona
             (", and still falling at the last step" if finding.get("still_falling") else "")
     else:
         verdict = "converged: no budget took Rank-1 below the protocol budget's interval"
-    weights = {r.model.weights_sha256 for r in records}
-    return {"attack": finding.get("attack"), "points": points, "verdict": verdict,
-            "stale": finding.get("weights_sha256") not in weights, "command": finding.get("command")}
+    current = sweep_is_current(finding, {r.model.weights_sha256 for r in records},
+                               {r.protocol.fingerprint for r in records if r.protocol is not None})
+    return {"attack": finding.get("attack"), "points": points, "verdict": verdict, "stale": not current,
+            "command": finding.get("command")}
 
 
 def model_page(model: str, cells: pd.DataFrame, entries: list[tuple[Path, CellRecord]],
