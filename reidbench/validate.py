@@ -12,6 +12,8 @@ rejected, with one line per reason, when
   stochastic defense whose attack was not averaged over the protocol's EOT draws
   (``attack.eot_samples`` below ``adaptive.eot_samples``);
 * a record's summary numbers are not what its own per-query file gives;
+* a defended entry has no budget sweep (``benchmarks/attack_budget.py``) on its pinned weights
+  under the protocol: it is not recomputed, only required, so the leaderboard can flag it;
 * clean and ``m-ifgsm`` Rank-1 and mAP, recomputed here on a fixed, committed subset of the
   queries, differ from the same numbers taken from the submitted per-query file by more than
   the tolerance: ``DEFAULT_TOLERANCE`` = 3 points (absolute, in percentage points of Rank-1
@@ -53,7 +55,7 @@ from .errors import ReIDBenchError
 from .protocol import Protocol, load_protocol
 from .cache import CorruptArtefact
 from .record import CellRecord
-from .results import cell_path, read_cell, read_per_query
+from .results import budget_sweep_path, cell_path, read_budget_sweep, read_cell, read_per_query, sweep_is_current
 
 DEFAULT_TOLERANCE = 3.0
 VALIDATION_ATTACK = "m-ifgsm"
@@ -213,6 +215,23 @@ def _attack_reasons(name: str, record: CellRecord, bundle, runner) -> list[str]:
     return []
 
 
+def _sweep_reasons(entry_id: str, results_root: Path, protocol: Protocol, pinned: str) -> list[str]:
+    """A defended entry's budget sweep must be there, on the pinned weights, under this protocol.
+    It is not recomputed (500 iterations per query are the submitter's cost, not CI's); its
+    presence puts the flag, or its absence, on the leaderboard."""
+    path = budget_sweep_path(results_root, protocol.version)
+    finding = read_budget_sweep(results_root, protocol.version).get(entry_id)
+    rerun = f"python benchmarks/attack_budget.py {entry_id} --results {results_root}"
+    if not isinstance(finding, dict):
+        return [f"no budget sweep of the defended entry '{entry_id}' in {path} (run: {rerun})"]
+    if not sweep_is_current(finding, {pinned}, {protocol.fingerprint()}):
+        return [f"{path}: the budget sweep of '{entry_id}' was measured on weights "
+                f"{str(finding.get('weights_sha256'))[:12]}… under protocol fingerprint "
+                f"{finding.get('protocol_fingerprint')}, not on the pinned {pinned[:12]}… under "
+                f"{protocol.fingerprint()} (run again: {rerun})"]
+    return []
+
+
 # --- the whole check ---------------------------------------------------------------------------
 def validate_entry(entry_id: str, zoo: dict, results_root: Path, tolerance: float = DEFAULT_TOLERANCE,
                    device: str = "auto", protocol: Optional[Protocol] = None) -> Verdict:
@@ -251,6 +270,8 @@ def validate_entry(entry_id: str, zoo: dict, results_root: Path, tolerance: floa
             verdict.reasons.append(f"{path}: not a valid result record")
         else:
             verdict.reasons += _record_reasons(path, record, bundle, runner, pinned)
+    if entry.defended:
+        verdict.reasons += _sweep_reasons(entry.id, results_root, protocol, pinned)
     if records.get(cell) is None or not cell.with_suffix(".npz").is_file():
         missing = cell if records.get(cell) is None else cell.with_suffix(".npz")
         verdict.reasons.append(f"missing file {missing} (validation recomputes {VALIDATION_ATTACK} at the protocol's ε)")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import benchmark_script
 from safetensors.torch import save_file
 
 from reidbench.cache import sha256_file
@@ -52,8 +53,13 @@ def submission(tiny_model, tiny_zoo_file, tmp_path_factory):
                           sha256_file(weights))
     zoo = load_zoo(zoo_file)
     for entry_id, protocol in (("tiny-pinned", None), ("tiny-pinned-rrp", protocol_with_eot(2))):
-        Runner(zoo, results_root=root / "results", protocol=protocol, device="cpu", rerank=False,
-               progress=False).run([zoo[entry_id]], ["m-ifgsm"])
+        runner = Runner(zoo, results_root=root / "results", protocol=protocol, device="cpu", rerank=False,
+                        progress=False)
+        runner.run([zoo[entry_id]], ["m-ifgsm"])
+    # A defense's submission carries its budget sweep, as CONTRIBUTING asks (read from the cell just run).
+    sweep = benchmark_script("attack_budget")
+    sweep.write_findings(root / "results", runner.protocol,
+                         {"tiny-pinned-rrp": sweep.sweep_model(runner, "tiny-pinned-rrp", [1, 2], None)}, "sweep")
     return zoo_file, root / "results"
 
 
@@ -92,6 +98,29 @@ def test_a_stochastic_defense_attacked_with_eot_reproduces(submission):
                              protocol=protocol_with_eot(2))
     assert verdict.accepted, verdict.reasons
     assert all(row.difference < 1e-6 for row in verdict.comparisons), verdict.comparisons
+
+
+def test_a_defense_without_its_budget_sweep_is_rejected(submission, results):
+    """The sweep on the pinned weights under the protocol is required (not recomputed): none,
+    one of other weights, or one under another protocol fingerprint is one reason each."""
+    zoo, protocol = load_zoo(submission[0]), protocol_with_eot(2)
+    path = results / "budget-sweep" / "v2.json"
+    payload = json.loads(path.read_text())
+    for key, value in (("weights_sha256", "e" * 64), ("protocol_fingerprint", load_protocol().fingerprint())):
+        path.write_text(json.dumps({**payload, "models": {"tiny-pinned-rrp": {**payload["models"]["tiny-pinned-rrp"],
+                                                                               key: value}}}))
+        verdict = validate_entry("tiny-pinned-rrp", zoo, results, device="cpu", protocol=protocol)
+        assert [r for r in verdict.reasons if "budget sweep" in r] == [
+            f"{path}: the budget sweep of 'tiny-pinned-rrp' was measured on weights "
+            f"{('e' * 12) if key == 'weights_sha256' else payload['models']['tiny-pinned-rrp']['weights_sha256'][:12]}… "
+            f"under protocol fingerprint {value if key == 'protocol_fingerprint' else protocol.fingerprint()}, not on "
+            f"the pinned {payload['models']['tiny-pinned-rrp']['weights_sha256'][:12]}… under {protocol.fingerprint()} "
+            f"(run again: python benchmarks/attack_budget.py tiny-pinned-rrp --results {results})"], verdict.reasons
+    path.unlink()
+    verdict = validate_entry("tiny-pinned-rrp", zoo, results, device="cpu", protocol=protocol)
+    assert verdict.reasons == [f"no budget sweep of the defended entry 'tiny-pinned-rrp' in {path} "
+                               f"(run: python benchmarks/attack_budget.py tiny-pinned-rrp --results {results})"]
+    assert validate_entry("tiny-pinned", zoo, results, device="cpu").accepted  # an undefended entry needs none
 
 
 def test_a_stochastic_defense_without_eot_is_rejected(submission, results):

@@ -67,6 +67,12 @@ class ZooEntry:
         return "onnx" in self.weights or self.weights.get("file", "").endswith(".onnx")
 
     @property
+    def defended(self) -> bool:
+        """Whether the entry puts a defense between the attack and the network (the budget
+        sweep and a submission's sweep check are for these)."""
+        return self.defense.get("name", "none") not in ("none", None)
+
+    @property
     def dataset_name(self) -> str:
         return self.dataset["name"]
 
