@@ -245,6 +245,22 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .leaderboard import render_site
+    from .protocol import load_protocol
+    from .runner import Runner
+    from .sweep import defended_ids, report
+
+    zoo = _zoo(args)
+    ids = list(dict.fromkeys(list(args.model) + (defended_ids(zoo, args.suite) if args.all else [])))
+    runner = Runner(zoo, results_root=Path(args.results), device=args.device, progress=True, rerank=False,
+                    protocol=load_protocol(args.protocol) if args.protocol else load_protocol())
+    report(runner, ids, args.iterations, args.attack, args.rerun_floor, "reidbench sweep " + " ".join(args.argv))
+    if not args.no_render:
+        print(f"leaderboard: {render_site(Path(args.results), Path(args.site) if args.site else None, runner.protocol.version)}")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from .validate import print_verdict, validate_entry
 
@@ -417,6 +433,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .validate import DEFAULT_TOLERANCE, SUBSET_SIZE, VALIDATION_ATTACK
 
+    sw = sub.add_parser("sweep", help="the budget sweep: rerun a defended model's strongest white-box attack at "
+                        "more iterations and flag it when Rank-1 keeps falling")
+    sw.add_argument("model", nargs="*", help="zoo model id(s)")
+    sw.add_argument("--all", action="store_true", help="every defended zoo model (of --suite)")
+    sw.add_argument("--suite", default=None, help="with --all: only the models of this suite")
+    sw.add_argument("--attack", default=None, help="attack to sweep (default: the strongest white-box one in the store)")
+    sw.add_argument("--iterations", type=int, nargs="+", default=[15, 100, 500])
+    sw.add_argument("--protocol", default=None, help="protocol version (default: the current one)")
+    sw.add_argument("--results", default="results", help="result store folder (default: ./results)")
+    sw.add_argument("--site", default=None, help="where to render the leaderboard (default: ./leaderboard/site)")
+    sw.add_argument("--no-render", action="store_true", help="write the findings only")
+    sw.add_argument("--zoo", default=None, help=ZOO_HELP)
+    sw.add_argument("--device", default="auto")
+    sw.add_argument("--rerun-floor", action="store_true",
+                    help="attack a model even when its strongest stored cell is at the floor")
+    sw.set_defaults(func=cmd_sweep)
+
     val = sub.add_parser(
         "validate", help="check a submitted zoo entry: pinned weights, its records, numbers recomputed on a query subset",
         description=f"Accept or reject the results of a zoo entry (exit 0 or 1, one line per reason): its weights must "
@@ -453,7 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # as typed after the subcommand, for the commands a result records
     try:
         return args.func(args)
     except ReIDBenchError as exc:

@@ -151,7 +151,7 @@ def iter_cells(root: Path, protocol_version: Optional[str] = None) -> Iterable[t
             yield path, record
 
 
-#: the budget sweep's file (benchmarks/attack_budget.py), beside the version folders so that
+#: the budget sweep's file (reidbench sweep, reidbench/sweep.py), beside the version folders so that
 #: the cell readers above never take it for a cell
 BUDGET_FLAG = "budget-sensitive"
 

@@ -12,7 +12,7 @@ rejected, with one line per reason, when
   stochastic defense whose attack was not averaged over the protocol's EOT draws
   (``attack.eot_samples`` below ``adaptive.eot_samples``);
 * a record's summary numbers are not what its own per-query file gives;
-* a defended entry has no budget sweep (``benchmarks/attack_budget.py``) on its pinned weights
+* a defended entry has no budget sweep (``reidbench sweep``) on its pinned weights
   under the protocol: it is not recomputed, only required, so the leaderboard can flag it;
 * clean and ``m-ifgsm`` Rank-1 and mAP, recomputed here on a fixed, committed subset of the
   queries, differ from the same numbers taken from the submitted per-query file by more than
@@ -221,7 +221,7 @@ def _sweep_reasons(entry_id: str, results_root: Path, protocol: Protocol, pinned
     presence puts the flag, or its absence, on the leaderboard."""
     path = budget_sweep_path(results_root, protocol.version)
     finding = read_budget_sweep(results_root, protocol.version).get(entry_id)
-    rerun = f"python benchmarks/attack_budget.py {entry_id} --results {results_root}"
+    rerun = f"reidbench sweep {entry_id} --results {results_root}"
     if not isinstance(finding, dict):
         return [f"no budget sweep of the defended entry '{entry_id}' in {path} (run: {rerun})"]
     if not sweep_is_current(finding, {pinned}, {protocol.fingerprint()}):

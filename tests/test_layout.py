@@ -17,7 +17,7 @@ DEFERRED_CYCLE_EDGES: dict[tuple[str, str], str] = {}
 
 # The layers that drive a run; a plugin builds on the engine's base modules, never on these.
 DRIVING_MODULES = ("reidbench.api", "reidbench.cli", "reidbench.executors", "reidbench.grid", "reidbench.hub", "reidbench.leaderboard",
-                   "reidbench.runner", "reidbench.validate")
+                   "reidbench.runner", "reidbench.sweep", "reidbench.validate")
 
 
 def _modules() -> dict[str, Path]:

@@ -427,7 +427,7 @@ def test_a_version_this_package_does_not_ship_renders_apart(results, tmp_path):
 
 
 def test_a_budget_sensitive_model_is_flagged_in_the_summary(results, tmp_path):
-    """The budget sweep's finding (benchmarks/attack_budget.py) reaches the summary's flags."""
+    """The budget sweep's finding (reidbench sweep) reaches the summary's flags."""
     from reidbench.protocol import CURRENT_VERSION
     from reidbench.results import BUDGET_FLAG, budget_sweep_path
 

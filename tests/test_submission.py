@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import benchmark_script
 from safetensors.torch import save_file
 
 from reidbench.cache import sha256_file
@@ -57,7 +56,8 @@ def submission(tiny_model, tiny_zoo_file, tmp_path_factory):
                         progress=False)
         runner.run([zoo[entry_id]], ["m-ifgsm"])
     # A defense's submission carries its budget sweep, as CONTRIBUTING asks (read from the cell just run).
-    sweep = benchmark_script("attack_budget")
+    from reidbench import sweep
+
     sweep.write_findings(root / "results", runner.protocol,
                          {"tiny-pinned-rrp": sweep.sweep_model(runner, "tiny-pinned-rrp", [1, 2], None)}, "sweep")
     return zoo_file, root / "results"
@@ -115,11 +115,11 @@ def test_a_defense_without_its_budget_sweep_is_rejected(submission, results):
             f"{('e' * 12) if key == 'weights_sha256' else payload['models']['tiny-pinned-rrp']['weights_sha256'][:12]}… "
             f"under protocol fingerprint {value if key == 'protocol_fingerprint' else protocol.fingerprint()}, not on "
             f"the pinned {payload['models']['tiny-pinned-rrp']['weights_sha256'][:12]}… under {protocol.fingerprint()} "
-            f"(run again: python benchmarks/attack_budget.py tiny-pinned-rrp --results {results})"], verdict.reasons
+            f"(run again: reidbench sweep tiny-pinned-rrp --results {results})"], verdict.reasons
     path.unlink()
     verdict = validate_entry("tiny-pinned-rrp", zoo, results, device="cpu", protocol=protocol)
     assert verdict.reasons == [f"no budget sweep of the defended entry 'tiny-pinned-rrp' in {path} "
-                               f"(run: python benchmarks/attack_budget.py tiny-pinned-rrp --results {results})"]
+                               f"(run: reidbench sweep tiny-pinned-rrp --results {results})"]
     assert validate_entry("tiny-pinned", zoo, results, device="cpu").accepted  # an undefended entry needs none
 
 

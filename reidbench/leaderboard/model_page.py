@@ -79,7 +79,7 @@ def provenance(records: list[CellRecord]) -> list[tuple[str, str]]:
 
 
 def sweep_summary(finding: Optional[dict], records: list[CellRecord]) -> Optional[dict]:
-    """The budget sweep's finding for the page (``benchmarks/attack_budget.py``): Rank-1 per
+    """The budget sweep's finding for the page (``reidbench sweep``): Rank-1 per
     iteration budget and the verdict; ``stale`` when it was measured on weights none of the
     model's cells has (a retraining since), so that it is never read as this model's."""
     if not isinstance(finding, dict) or not isinstance(finding.get("points"), dict):

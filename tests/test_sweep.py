@@ -1,25 +1,22 @@
-"""The budget sweep (benchmarks/attack_budget.py): its flag rule, and a run on the tiny model
-that writes the file the leaderboard reads."""
+"""The budget sweep (``reidbench sweep``, reidbench/sweep.py): its flag rule, and a run on the
+tiny model that writes the file the leaderboard reads."""
 
 import json
 
 import numpy as np
 import pytest
-from conftest import benchmark_script
+from conftest import REPO
 
+from reidbench import sweep as budget
+from reidbench.cli import main
 from reidbench.results import BUDGET_FLAG, budget_sweep_path, read_budget_sweep
-
-
-@pytest.fixture(scope="module")
-def budget():
-    return benchmark_script("attack_budget")
 
 
 def point(rank1, half=0.05):
     return {"rank1": rank1, "interval": [rank1 - half, rank1 + half]}
 
 
-def test_the_flag_needs_a_drop_beyond_the_interval_at_the_protocol_budget(budget):
+def test_the_flag_needs_a_drop_beyond_the_interval_at_the_protocol_budget():
     converged = budget.assess({15: point(0.30), 100: point(0.28), 500: point(0.27)}, 15)
     assert not converged["flag"] and not converged["still_falling"]
     masked = budget.assess({15: point(0.60), 100: point(0.40), 500: point(0.20)}, 15)
@@ -28,7 +25,7 @@ def test_the_flag_needs_a_drop_beyond_the_interval_at_the_protocol_budget(budget
     assert settled_late["flag"] and not settled_late["still_falling"]
 
 
-def test_the_local_interval_resamples_identities(budget):
+def test_the_local_interval_resamples_identities():
     pids = np.repeat(np.arange(20), 3)
     first_hit = np.where(pids < 10, 0, 4)  # half the identities at Rank-1
     lo, hi = budget.rank1_interval(first_hit, pids)
@@ -37,9 +34,9 @@ def test_the_local_interval_resamples_identities(budget):
     assert budget.rank1_interval(np.zeros(6, dtype=int), np.arange(6)) == [1.0, 1.0]
 
 
-def test_a_sweep_on_the_tiny_model_writes_what_the_leaderboard_reads(budget, tiny_model, tiny_zoo_file, tmp_path, capsys):
+def test_a_sweep_on_the_tiny_model_writes_what_the_leaderboard_reads(tiny_model, tiny_zoo_file, tmp_path, capsys):
     results = tmp_path / "results"
-    budget.main(["tiny-none", "--attack", "m-ifgsm", "--iterations", "1", "4", "--protocol", "v1",
+    main(["sweep", "tiny-none", "--attack", "m-ifgsm", "--iterations", "1", "4", "--protocol", "v1",
                  "--results", str(results), "--zoo", str(tiny_zoo_file), "--device", "cpu",
                  "--site", str(tmp_path / "site")])
     out = capsys.readouterr().out
@@ -49,16 +46,28 @@ def test_a_sweep_on_the_tiny_model_writes_what_the_leaderboard_reads(budget, tin
     entry = found["tiny-none"]
     assert set(entry["points"]) == {"1", "4"} and isinstance(entry["flag"], bool)
     assert entry["points"]["4"]["rank1"] <= entry["points"]["1"]["rank1"]
-    assert entry["flag_name"] in (BUDGET_FLAG, None) and entry["command"].startswith("python benchmarks/attack_budget.py")
+    assert entry["flag_name"] in (BUDGET_FLAG, None) and entry["command"].startswith("reidbench sweep tiny-none --attack m-ifgsm")
     payload = json.loads(budget_sweep_path(results, "v1").read_text())
     assert payload["protocol"]["version"] == "v1"
     assert read_budget_sweep(results, "v2") == {}
 
 
-def test_an_attack_without_iterations_is_refused(budget, tiny_model, tiny_zoo_file, tmp_path):
-    with pytest.raises(SystemExit, match="no iteration count"):
-        budget.main(["tiny-none", "--attack", "m-fgsm", "--iterations", "1", "2", "--protocol", "v1",
-                     "--results", str(tmp_path), "--zoo", str(tiny_zoo_file), "--device", "cpu", "--no-render"])
+def test_an_attack_without_iterations_is_refused(tiny_model, tiny_zoo_file, tmp_path, capsys):
+    code = main(["sweep", "tiny-none", "--attack", "m-fgsm", "--iterations", "1", "2", "--protocol", "v1",
+                 "--results", str(tmp_path), "--zoo", str(tiny_zoo_file), "--device", "cpu", "--no-render"])
+    assert code == 2 and capsys.readouterr().err.strip() == "reidbench: error: attack 'm-fgsm' has no iteration count to sweep"
+
+
+def test_the_old_script_runs_the_same_sweep(tiny_zoo_file, tmp_path):
+    """benchmarks/attack_budget.py stays for the commands recorded in earlier findings."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "attack_budget.py"), "tiny-nne", "--zoo",
+                          str(tiny_zoo_file), "--results", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})  # this checkout's reidbench, wherever it is installed
+    assert out.returncode == 2 and out.stderr.startswith("reidbench: error: unknown model 'tiny-nne'"), out.stderr
 
 
 def tiny_runner(tiny_zoo_file, results):
@@ -124,7 +133,7 @@ def test_select_keeps_what_was_prepared_for_the_kept_queries():
     assert ctx.batch(torch.tensor([1, 3])).extra["guides"].shape == (4, 2)  # batch() leaves a fresh run to prepare
 
 
-def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(budget, tiny_model, tiny_zoo_file, tmp_path,
+def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(tiny_model, tiny_zoo_file, tmp_path,
                                                                          monkeypatch, capsys):
     """The real path: `reidbench run` writes the cell, the sweep reads it. The tiny model's
     M-I-FGSM cell leaves Rank-1 0 with the interval [0, 0], so no budget can flag it: the
@@ -143,7 +152,7 @@ def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(budget
 
     real_bundle = Runner.bundle
     monkeypatch.setattr(Runner, "bundle", lambda *a, **k: pytest.fail("a model at the floor was loaded"))
-    budget.main(["tiny-none", "--iterations", "15", "100", "--results", str(results), "--zoo", str(tiny_zoo_file),
+    main(["sweep", "tiny-none", "--iterations", "15", "100", "--results", str(results), "--zoo", str(tiny_zoo_file),
                  "--device", "cpu", "--no-render"])
     assert "at the floor" in capsys.readouterr().out
     entry = read_budget_sweep(results, "v2")["tiny-none"]
@@ -154,7 +163,7 @@ def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(budget
     assert "Budget sweep" in page and "at the floor" in page and "Stale" not in page
 
     monkeypatch.setattr(Runner, "bundle", real_bundle)
-    budget.main(["tiny-none", "--iterations", "1", "3", "--rerun-floor", "--results", str(results),
+    main(["sweep", "tiny-none", "--iterations", "1", "3", "--rerun-floor", "--results", str(results),
                  "--zoo", str(tiny_zoo_file), "--device", "cpu", "--no-render"])
     entry = read_budget_sweep(results, "v2")["tiny-none"]
     assert not entry.get("at_floor") and set(entry["points"]) == {"1", "3"} and entry["seconds"] >= 0
@@ -172,7 +181,7 @@ def test_a_model_at_the_floor_is_recorded_from_its_cell_without_rerunning(budget
     assert "budget sweep stale" in index.read_text() and "budget-sensitive" not in index.read_text()
 
 
-def test_a_finding_keeps_the_fingerprint_it_was_measured_under(budget, tmp_path):
+def test_a_finding_keeps_the_fingerprint_it_was_measured_under(tmp_path):
     """Merging a sweep under an edited protocol into the file leaves the earlier findings under
     their own fingerprint: they are stale there, not silently current."""
     from reidbench.protocol import Protocol, load_protocol
