@@ -72,6 +72,13 @@ def cmd_run(args) -> int:
     executor.run(spec, [e.id for e in entries], args.attack, eps_values, zoo=zoo)
     index = render_site(Path(args.results), Path(args.site) if args.site else None, protocol.version)
     log(f"leaderboard: {index}")
+    from .sweep import unswept
+
+    if spec.test_dataset_name is None and args.queries is None and (missing := unswept(Path(args.results), protocol, entries)):
+        which = f"--all --suite {' '.join(args.suite)}" if args.all else " ".join(missing)
+        log(f"budget sweep: {len(missing)} defended model(s) without a sweep of their current weights "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); their flag column stays empty until "
+            f"'reidbench sweep {which} --results {args.results}'")
     return 0
 
 
@@ -437,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "more iterations and flag it when Rank-1 keeps falling")
     sw.add_argument("model", nargs="*", help="zoo model id(s)")
     sw.add_argument("--all", action="store_true", help="every defended zoo model (of --suite)")
-    sw.add_argument("--suite", default=None, help="with --all: only the models of this suite")
+    sw.add_argument("--suite", nargs="+", default=None, help="with --all: only the models of these suites")
     sw.add_argument("--attack", default=None, help="attack to sweep (default: the strongest white-box one in the store)")
     sw.add_argument("--iterations", type=int, nargs="+", default=[15, 100, 500])
     sw.add_argument("--protocol", default=None, help="protocol version (default: the current one)")

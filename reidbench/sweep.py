@@ -2,7 +2,7 @@
 attack gets more iterations? A gradient-masking check of protocol v2 (``reidbench sweep``).
 
     reidbench sweep MODEL_ID [MODEL_ID ...] [--iterations 15 100 500]
-    reidbench sweep --all [--suite NAME]     # every defended zoo model
+    reidbench sweep --all [--suite NAME ...]     # every defended zoo model (of these suites)
     options: --attack NAME (else the strongest in the store), --protocol VERSION, --results DIR,
              --site DIR (the leaderboard, re-rendered with the flags; --no-render to skip)
 
@@ -54,7 +54,7 @@ import numpy as np
 from .attack import build_attack
 from .cache import atomic_write
 from .errors import ReIDBenchError
-from .results import BUDGET_FLAG, budget_sweep_path, iter_cells
+from .results import BUDGET_FLAG, budget_sweep_path, iter_cells, read_budget_sweep, sweep_is_current
 from .runner import Runner
 from .zoo.schema import get_entry
 
@@ -198,9 +198,25 @@ def write_findings(results_root: Path, protocol, findings: dict[str, dict], comm
     return path
 
 
-def defended_ids(zoo: dict, suite: Optional[str] = None) -> list[str]:
-    """Every defended zoo entry, or those of ``suite``, in zoo order (``--all``)."""
-    return [e.id for e in zoo.values() if e.defended and (suite is None or suite in (e.suite or []))]
+def defended_ids(zoo: dict, suites: Optional[list[str]] = None) -> list[str]:
+    """Every defended zoo entry, or those of ``suites`` ('all': every one), in zoo order (``--all``)."""
+    return [e.id for e in zoo.values() if e.defended and (not suites or "all" in suites or set(suites) & set(e.suite or []))]
+
+
+def unswept(results_root: Path, protocol, entries) -> list[str]:
+    """The defended ``entries`` with cells in the store but no current finding (none, or one of
+    other weights or another protocol fingerprint than their cells): what ``run`` reminds of."""
+    found = read_budget_sweep(results_root, protocol.version)
+    missing = []
+    for entry in entries:
+        if not entry.defended:
+            continue
+        records = [r for _, r in iter_cells(Path(results_root) / protocol.version / entry.dataset_name / entry.id)]
+        weights = {r.model.weights_sha256 for r in records}
+        fingerprints = {r.protocol.fingerprint for r in records if r.protocol is not None}
+        if records and not sweep_is_current(found.get(entry.id), weights, fingerprints):
+            missing.append(entry.id)
+    return missing
 
 
 def sweep(runner: Runner, model_ids: list[str], iterations: list[int], attack_name: Optional[str] = None,

@@ -202,3 +202,21 @@ def test_a_finding_keeps_the_fingerprint_it_was_measured_under(tmp_path):
     path.write_text(json.dumps({"schema": 1, "protocol": {"version": "v2", "fingerprint": "f0"},
                                 "models": {"c": {"weights_sha256": "w"}}}))
     assert read_budget_sweep(tmp_path, "v2")["c"]["protocol_fingerprint"] == "f0"
+
+
+def test_run_names_the_defenses_left_unswept_until_they_are(tiny_model, tiny_zoo_file, tmp_path, capsys, monkeypatch):
+    """The real path: run → the reminder → sweep → run again, which reuses its cells and is quiet about it."""
+    from conftest import zoo_with_borrower
+
+    monkeypatch.setenv("REIDBENCH_QUIET", "0")  # the reminder is a log line
+    zoo = zoo_with_borrower(tiny_zoo_file, tmp_path / "zoo.yaml", "tiny-jpeg", "jpeg")
+    where = ["--zoo", str(zoo), "--results", str(tmp_path / "results"), "--device", "cpu", "--site", str(tmp_path / "site")]
+    run = ["run", "--model", "tiny-none", "tiny-jpeg", "--attack", "m-ifgsm", "--no-rerank", *where]
+    assert main(run) == 0
+    err = capsys.readouterr().err
+    assert "budget sweep: 1 defended model(s) without a sweep of their current weights (tiny-jpeg)" in err
+    assert f"'reidbench sweep tiny-jpeg --results {tmp_path / 'results'}'" in err
+    assert main(["sweep", "tiny-jpeg", "--iterations", "1", "2", *where]) == 0
+    capsys.readouterr()
+    assert main(run) == 0
+    assert "budget sweep:" not in capsys.readouterr().err
