@@ -262,7 +262,8 @@ def cmd_sweep(args) -> int:
     ids = list(dict.fromkeys(list(args.model) + (defended_ids(zoo, args.suite) if args.all else [])))
     runner = Runner(zoo, results_root=Path(args.results), device=args.device, progress=True, rerank=False,
                     protocol=load_protocol(args.protocol) if args.protocol else load_protocol())
-    report(runner, ids, args.iterations, args.attack, args.rerun_floor, "reidbench sweep " + " ".join(args.argv))
+    report(runner, ids, args.iterations, args.attack, args.rerun_floor, "reidbench sweep " + " ".join(args.argv),
+           args.force)
     if not args.no_render:
         print(f"leaderboard: {render_site(Path(args.results), Path(args.site) if args.site else None, runner.protocol.version)}")
     return 0
@@ -455,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--device", default="auto")
     sw.add_argument("--rerun-floor", action="store_true",
                     help="attack a model even when its strongest stored cell is at the floor")
+    sw.add_argument("--force", action="store_true", help="sweep again models whose current finding answers the request")
     sw.set_defaults(func=cmd_sweep)
 
     val = sub.add_parser(

@@ -37,8 +37,10 @@ it anyway).
 Nothing goes into the cell store (a protocol cell always uses the protocol's budget). The
 findings go to ``<results>/budget-sweep/<version>.json`` (one entry per model, merged with
 earlier runs, with the command that produced them; written after each model, so an
-interrupted sweep keeps the models it finished), which ``reidbench.results.read_budget_sweep``
-reads for the leaderboard; ``reidbench validate`` requires it of a defended submission.
+interrupted sweep keeps the models it finished, and a rerun sweeps only the models without a
+current finding that answers it; ``--force`` sweeps all again), which
+``reidbench.results.read_budget_sweep`` reads for the leaderboard; ``reidbench validate``
+requires it of a defended submission.
 """
 
 from __future__ import annotations
@@ -203,45 +205,66 @@ def defended_ids(zoo: dict, suites: Optional[list[str]] = None) -> list[str]:
     return [e.id for e in zoo.values() if e.defended and (not suites or "all" in suites or set(suites) & set(e.suite or []))]
 
 
+def current_finding(results_root: Path, protocol, entry) -> Optional[dict]:
+    """The entry's finding when it was measured on the weights and under the protocol of its
+    cells in the store (``results.sweep_is_current``); None without cells or without such a finding."""
+    records = [r for _, r in iter_cells(Path(results_root) / protocol.version / entry.dataset_name / entry.id)]
+    finding = read_budget_sweep(results_root, protocol.version).get(entry.id)
+    weights = {r.model.weights_sha256 for r in records}
+    fingerprints = {r.protocol.fingerprint for r in records if r.protocol is not None}
+    return finding if records and sweep_is_current(finding, weights, fingerprints) else None
+
+
 def unswept(results_root: Path, protocol, entries) -> list[str]:
     """The defended ``entries`` with cells in the store but no current finding (none, or one of
     other weights or another protocol fingerprint than their cells): what ``run`` reminds of."""
-    found = read_budget_sweep(results_root, protocol.version)
-    missing = []
-    for entry in entries:
-        if not entry.defended:
-            continue
-        records = [r for _, r in iter_cells(Path(results_root) / protocol.version / entry.dataset_name / entry.id)]
-        weights = {r.model.weights_sha256 for r in records}
-        fingerprints = {r.protocol.fingerprint for r in records if r.protocol is not None}
-        if records and not sweep_is_current(found.get(entry.id), weights, fingerprints):
-            missing.append(entry.id)
-    return missing
+    return [e.id for e in entries if e.defended and current_finding(results_root, protocol, e) is None
+            and any(iter_cells(Path(results_root) / protocol.version / e.dataset_name / e.id))]
+
+
+def kept_finding(runner: Runner, entry, budgets: list[int], attack_name: Optional[str], rerun_floor: bool) -> Optional[dict]:
+    """A current finding that already answers this request (same attack, or still the strongest
+    cell's; every budget asked for; a floor finding unless --rerun-floor), so a rerun after an
+    interruption, or after one more defense joined the zoo, sweeps only what is missing."""
+    finding = current_finding(runner.results_root, runner.protocol, entry)
+    if finding is None or (finding.get("at_floor") and (rerun_floor or attack_name is not None)):
+        return None
+    if attack_name is None:
+        strongest = strongest_cell(runner.results_root, runner.protocol, entry.dataset_name, entry.id)
+        attack_name = strongest.attack["name"] if strongest is not None else None
+    if finding.get("attack") != attack_name:
+        return None
+    return finding if finding.get("at_floor") or {str(n) for n in budgets} <= set(finding.get("points", {})) else None
 
 
 def sweep(runner: Runner, model_ids: list[str], iterations: list[int], attack_name: Optional[str] = None,
-          rerun_floor: bool = False, command: str = "") -> Iterator[tuple[str, dict, Path]]:
+          rerun_floor: bool = False, command: str = "", force: bool = False) -> Iterator[tuple[str, dict, Path]]:
     """Sweep each model in turn, writing its finding before the next starts (an interrupted
-    sweep keeps what it finished); yields (model id, finding, the file written)."""
+    sweep keeps what it finished, and a rerun keeps every current finding that answers it
+    (:func:`kept_finding`) unless ``force``); yields (model id, finding, the findings file)."""
     if not model_ids:
         raise ReIDBenchError("name at least one model, or --all")
     if any(n < 1 for n in iterations):
         raise ReIDBenchError(f"--iterations takes counts >= 1, got {iterations}")
     for model_id in model_ids:
         get_entry(runner.zoo, model_id)  # an unknown id is one line before any model is attacked
-    return _each(runner, model_ids, sorted(set(iterations)), attack_name, rerun_floor, command)
+    return _each(runner, model_ids, sorted(set(iterations)), attack_name, rerun_floor, command, force)
 
 
-def _each(runner, model_ids, budgets, attack_name, rerun_floor, command):
+def _each(runner, model_ids, budgets, attack_name, rerun_floor, command, force):
     for model_id in model_ids:
+        kept = None if force else kept_finding(runner, get_entry(runner.zoo, model_id), budgets, attack_name, rerun_floor)
+        if kept is not None:
+            yield model_id, {**kept, "kept": True}, budget_sweep_path(runner.results_root, runner.protocol.version)
+            continue
         finding = sweep_model(runner, model_id, budgets, attack_name, rerun_floor=rerun_floor)
         yield model_id, finding, write_findings(runner.results_root, runner.protocol, {model_id: finding}, command)
 
 
 def report(runner: Runner, model_ids: list[str], iterations: list[int], attack_name: Optional[str] = None,
-           rerun_floor: bool = False, command: str = "") -> Optional[Path]:
+           rerun_floor: bool = False, command: str = "", force: bool = False) -> Optional[Path]:
     """:func:`sweep`, printed as a Markdown table row by row; returns the findings file."""
-    findings = sweep(runner, model_ids, iterations, attack_name, rerun_floor, command)
+    findings = sweep(runner, model_ids, iterations, attack_name, rerun_floor, command, force)
     protocol, budgets = runner.protocol, sorted(set(iterations))
     print(f"protocol {protocol.version}, ε = {protocol.eps * 255:g}/255, step {protocol.step * 255:g}/255; "
           f"Rank-1 in % [95% interval]; {platform.node()}\n")
@@ -265,4 +288,5 @@ def table_row(model_id: str, finding: dict, budgets: list[int]) -> str:
     else:
         flag = (BUDGET_FLAG + (", still falling" if finding["still_falling"] else "")) if finding["flag"] else ""
     return (f"| {model_id} | {finding['attack']} | " + " | ".join(cells)
-            + f" | {'–' if store is None else f'{100 * store:.1f}'} | {flag} | {finding.get('seconds', '–')} |")
+            + f" | {'–' if store is None else f'{100 * store:.1f}'} | {flag} | "
+            + ("kept (current finding; --force reruns)" if finding.get("kept") else f"{finding.get('seconds', '–')}") + " |")

@@ -216,7 +216,25 @@ def test_run_names_the_defenses_left_unswept_until_they_are(tiny_model, tiny_zoo
     err = capsys.readouterr().err
     assert "budget sweep: 1 defended model(s) without a sweep of their current weights (tiny-jpeg)" in err
     assert f"'reidbench sweep tiny-jpeg --results {tmp_path / 'results'}'" in err
-    assert main(["sweep", "tiny-jpeg", "--iterations", "1", "2", *where]) == 0
+    sweep = ["sweep", "tiny-jpeg", "--iterations", "1", "2", *where]
+    assert main(sweep) == 0
     capsys.readouterr()
     assert main(run) == 0
     assert "budget sweep:" not in capsys.readouterr().err
+
+    # A rerun (after an interruption, or with one more model named) keeps a finding that answers it.
+    from reidbench.runner import Runner
+
+    real_bundle = Runner.bundle
+    monkeypatch.setattr(Runner, "bundle", lambda *a, **k: pytest.fail("a current finding was swept again"))
+    before = budget_sweep_path(tmp_path / "results", "v2").read_text()
+    assert main(sweep) == 0
+    assert "| kept (current finding; --force reruns) |" in capsys.readouterr().out
+    assert budget_sweep_path(tmp_path / "results", "v2").read_text() == before
+    monkeypatch.setattr(Runner, "bundle", real_bundle)
+    # The tiny model is at the floor: --rerun-floor attacks it, then that finding answers the same
+    # request, not one with a budget it lacks; --force always sweeps.
+    for again, kept in ((["--rerun-floor"], False), (["--rerun-floor"], True),
+                        (["--rerun-floor", "--iterations", "1", "2", "3"], False), (["--force"], False)):
+        assert main(sweep + again) == 0
+        assert ("kept (current finding" in capsys.readouterr().out) == kept, again
