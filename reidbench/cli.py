@@ -41,6 +41,7 @@ def cmd_run(args) -> int:
     from .progress import log
     from .protocol import load_protocol
     from .registry import ATTACKS
+    from .sweep import unswept
 
     if args.onnx:
         return _run_onnx(args)
@@ -72,8 +73,6 @@ def cmd_run(args) -> int:
     executor.run(spec, [e.id for e in entries], args.attack, eps_values, zoo=zoo)
     index = render_site(Path(args.results), Path(args.site) if args.site else None, protocol.version)
     log(f"leaderboard: {index}")
-    from .sweep import unswept
-
     if spec.test_dataset_name is None and args.queries is None and (missing := unswept(Path(args.results), protocol, entries)):
         which = f"--all --suite {' '.join(args.suite)}" if args.all else " ".join(missing)
         log(f"budget sweep: {len(missing)} defended model(s) without a sweep of their current weights "
