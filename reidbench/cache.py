@@ -21,6 +21,7 @@ committed); their per-query ``.npz`` is checked against the hash its JSON record
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -78,6 +79,27 @@ def sidecar(path: Path) -> Path:
 
 
 Writer = Union[bytes, Callable[[Path], None]]
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on ``<path>.lock`` for a read-merge-write of ``path`` that several
+    processes may do at once (two ``reidbench sweep`` runs on one result folder): without it the
+    later writer silently drops what the earlier one merged in. Where ``fcntl`` is missing
+    (Windows) the section runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _remove_orphans(path: Path) -> None:

@@ -54,7 +54,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .attack import build_attack
-from .cache import atomic_write
+from .cache import atomic_write, locked
 from .errors import ReIDBenchError
 from .results import BUDGET_FLAG, budget_sweep_path, iter_cells, read_budget_sweep, sweep_is_current
 from .runner import Runner
@@ -186,17 +186,20 @@ def sweep_model(runner: Runner, model_id: str, iterations: list[int], attack_nam
 
 
 def write_findings(results_root: Path, protocol, findings: dict[str, dict], command: str) -> Path:
+    """Merge ``findings`` into the folder's findings file, under a lock: sweeps of different
+    models may run side by side on one result folder."""
     path = budget_sweep_path(results_root, protocol.version)
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    # Each finding keeps the fingerprint it was measured under: a protocol edit since makes it
-    # stale (results.sweep_is_current), it must not inherit the new one.
-    before = previous.get("protocol", {}).get("fingerprint")
-    models = {m: {"protocol_fingerprint": before, **f} for m, f in previous.get("models", {}).items()}
-    for model_id, finding in findings.items():
-        models[model_id] = {**finding, "command": command, "protocol_fingerprint": protocol.fingerprint()}
-    payload = {"schema": 1, "protocol": {"version": protocol.version, "fingerprint": protocol.fingerprint()},
-               "flag": BUDGET_FLAG, "models": models}
-    atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), check=False)
+    with locked(path):
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        # Each finding keeps the fingerprint it was measured under: a protocol edit since makes
+        # it stale (results.sweep_is_current), it must not inherit the new one.
+        before = previous.get("protocol", {}).get("fingerprint")
+        models = {m: {"protocol_fingerprint": before, **f} for m, f in previous.get("models", {}).items()}
+        for model_id, finding in findings.items():
+            models[model_id] = {**finding, "command": command, "protocol_fingerprint": protocol.fingerprint()}
+        payload = {"schema": 1, "protocol": {"version": protocol.version, "fingerprint": protocol.fingerprint()},
+                   "flag": BUDGET_FLAG, "models": models}
+        atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode(), check=False)
     return path
 
 

@@ -238,3 +238,31 @@ def test_run_names_the_defenses_left_unswept_until_they_are(tiny_model, tiny_zoo
                         (["--rerun-floor", "--iterations", "1", "2", "3"], False), (["--force"], False)):
         assert main(sweep + again) == 0
         assert ("kept (current finding" in capsys.readouterr().out) == kept, again
+
+
+def test_sweeps_side_by_side_keep_every_finding(tmp_path):
+    """Two processes merging findings into one file at once (started together, 40 writes each):
+    the lock keeps every finding; without it a later writer drops what the other merged in."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    names = [f"m{i}" for i in range(80)]
+    barrier = ctx.Barrier(2)
+    workers = [ctx.Process(target=_write_some, args=(str(tmp_path), names[i::2], barrier)) for i in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    assert sorted(read_budget_sweep(tmp_path, "v2")) == sorted(names)
+
+
+def _write_some(root: str, names: list[str], barrier) -> None:
+    from pathlib import Path
+
+    from reidbench.protocol import load_protocol
+
+    protocol = load_protocol("v2")
+    barrier.wait(60)  # both imported: the writes overlap
+    for name in names:
+        budget.write_findings(Path(root), protocol, {name: {"weights_sha256": "w"}}, "test")
