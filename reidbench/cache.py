@@ -83,9 +83,10 @@ Writer = Union[bytes, Callable[[Path], None]]
 
 @contextlib.contextmanager
 def locked(path: Path):
-    """Hold an exclusive lock on ``<path>.lock`` for a read-merge-write of ``path`` that several
-    processes may do at once (two ``reidbench sweep`` runs on one result folder): without it the
-    later writer silently drops what the earlier one merged in. Where ``fcntl`` is missing
+    """Hold an exclusive lock on ``.<name>.lock`` beside ``path`` for a read-merge-write that
+    several processes may do at once (two ``reidbench sweep`` runs on one result folder): without
+    it the later writer silently drops what the earlier one merged in. The lock file stays (removing
+    it would race with a waiting writer); it is hidden and git-ignored. Where ``fcntl`` is missing
     (Windows) the section runs unlocked."""
     try:
         import fcntl
@@ -94,7 +95,7 @@ def locked(path: Path):
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
