@@ -266,3 +266,19 @@ def _write_some(root: str, names: list[str], barrier) -> None:
     barrier.wait(60)  # both imported: the writes overlap
     for name in names:
         budget.write_findings(Path(root), protocol, {name: {"weights_sha256": "w"}}, "test")
+
+
+def test_every_committed_finding_is_current_for_its_stores_cells():
+    """benchmarks/results holds sweeps with the cells they started from: a finding of weights or a
+    protocol that no cell of its model has would be rendered stale; none may be committed so."""
+    from reidbench.results import iter_cells, sweep_is_current
+
+    files = sorted((REPO / "benchmarks" / "results").rglob("budget-sweep/v*.json"))
+    assert files
+    for path in files:
+        root, version = path.parent.parent, path.stem
+        for model_id, finding in read_budget_sweep(root, version).items():
+            records = [r for _, r in iter_cells(root / version / finding["dataset"] / model_id)]
+            weights = {r.model.weights_sha256 for r in records}
+            fingerprints = {r.protocol.fingerprint for r in records if r.protocol is not None}
+            assert records and sweep_is_current(finding, weights, fingerprints), (path, model_id)
