@@ -184,3 +184,10 @@ def sweep_is_current(finding: Optional[dict], weights_sha256: set[str], fingerpr
     never read as the model's."""
     return isinstance(finding, dict) and finding.get("weights_sha256") in weights_sha256 \
         and finding.get("protocol_fingerprint") in fingerprints
+
+
+def sweep_is_current_for(finding: Optional[dict], records) -> bool:
+    """:func:`sweep_is_current` against the weights and fingerprints of a model's cell records
+    (false without records)."""
+    return sweep_is_current(finding, {r.model.weights_sha256 for r in records},
+                            {r.protocol.fingerprint for r in records if r.protocol is not None})

@@ -56,7 +56,7 @@ import numpy as np
 from .attack import build_attack
 from .cache import atomic_write, locked
 from .errors import ReIDBenchError
-from .results import BUDGET_FLAG, budget_sweep_path, iter_cells, read_budget_sweep, sweep_is_current
+from .results import BUDGET_FLAG, budget_sweep_path, iter_cells, read_budget_sweep, sweep_is_current_for
 from .runner import Runner
 from .zoo.schema import get_entry
 
@@ -208,21 +208,27 @@ def defended_ids(zoo: dict, suites: Optional[list[str]] = None) -> list[str]:
     return [e.id for e in zoo.values() if e.defended and (not suites or "all" in suites or set(suites) & set(e.suite or []))]
 
 
+def _model_cells(results_root: Path, protocol, entry) -> list:
+    return [r for _, r in iter_cells(Path(results_root) / protocol.version / entry.dataset_name / entry.id)]
+
+
 def current_finding(results_root: Path, protocol, entry) -> Optional[dict]:
     """The entry's finding when it was measured on the weights and under the protocol of its
     cells in the store (``results.sweep_is_current``); None without cells or without such a finding."""
-    records = [r for _, r in iter_cells(Path(results_root) / protocol.version / entry.dataset_name / entry.id)]
     finding = read_budget_sweep(results_root, protocol.version).get(entry.id)
-    weights = {r.model.weights_sha256 for r in records}
-    fingerprints = {r.protocol.fingerprint for r in records if r.protocol is not None}
-    return finding if records and sweep_is_current(finding, weights, fingerprints) else None
+    return finding if sweep_is_current_for(finding, _model_cells(results_root, protocol, entry)) else None
 
 
 def unswept(results_root: Path, protocol, entries) -> list[str]:
     """The defended ``entries`` with cells in the store but no current finding (none, or one of
     other weights or another protocol fingerprint than their cells): what ``run`` reminds of."""
-    return [e.id for e in entries if e.defended and current_finding(results_root, protocol, e) is None
-            and any(iter_cells(Path(results_root) / protocol.version / e.dataset_name / e.id))]
+    found = read_budget_sweep(results_root, protocol.version)
+    missing = []
+    for entry in (e for e in entries if e.defended):
+        records = _model_cells(results_root, protocol, entry)
+        if records and not sweep_is_current_for(found.get(entry.id), records):
+            missing.append(entry.id)
+    return missing
 
 
 def kept_finding(runner: Runner, entry, budgets: list[int], attack_name: Optional[str], rerun_floor: bool) -> Optional[dict]:

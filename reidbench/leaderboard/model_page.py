@@ -12,7 +12,7 @@ from typing import Optional
 import pandas as pd
 
 from ..record import CellRecord, ProtocolRef
-from ..results import sweep_is_current
+from ..results import sweep_is_current_for
 from .builders import first_value, model_table
 from .plots import robustness_svg
 from .records import is_missing
@@ -96,9 +96,8 @@ def sweep_summary(finding: Optional[dict], records: list[CellRecord]) -> Optiona
             (", and still falling at the last step" if finding.get("still_falling") else "")
     else:
         verdict = "converged: no budget took Rank-1 below the protocol budget's interval"
-    current = sweep_is_current(finding, {r.model.weights_sha256 for r in records},
-                               {r.protocol.fingerprint for r in records if r.protocol is not None})
-    return {"attack": finding.get("attack"), "points": points, "verdict": verdict, "stale": not current,
+    return {"attack": finding.get("attack"), "points": points, "verdict": verdict,
+            "stale": not sweep_is_current_for(finding, records),
             "command": finding.get("command")}
 
 
