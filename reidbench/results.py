@@ -24,6 +24,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .cache import CorruptArtefact, atomic_write
+from .errors import ReIDBenchError
 from .progress import log
 from .record import CellRecord, MalformedRecord, PerQueryRef
 
@@ -160,19 +161,22 @@ def budget_sweep_path(root: Path, protocol_version: str) -> Path:
     return Path(root) / "budget-sweep" / f"{protocol_version}.json"
 
 
-def read_budget_sweep(root: Path, protocol_version: str) -> dict[str, dict]:
+def read_budget_sweep(root: Path, protocol_version: str, strict: bool = False) -> dict[str, dict]:
     """Per model id, what the budget sweep found (``flag``: Rank-1 kept falling with more
-    iterations beyond the interval); empty when the sweep was never run."""
+    iterations beyond the interval); empty when the sweep was never run. A malformed file is a
+    warning and nothing, or with ``strict`` (a writer about to replace it) a ReIDBenchError."""
     path = budget_sweep_path(root, protocol_version)
     if not path.is_file():
         return {}
     try:
         payload = json.loads(path.read_text())
         models, fingerprint = payload.get("models", {}), payload.get("protocol", {}).get("fingerprint")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        if not isinstance(models, dict):
+            raise TypeError("'models' is not a mapping")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as exc:
+        if strict:
+            raise ReIDBenchError(f"malformed budget sweep {path}: {exc.__class__.__name__}") from None
         log(f"[yellow]warning:[/] skipping malformed budget sweep {path}: {exc.__class__.__name__}")
-        return {}
-    if not isinstance(models, dict):
         return {}
     # A file written before findings carried their own fingerprint holds them under the file's.
     return {m: {"protocol_fingerprint": fingerprint, **f} if isinstance(f, dict) else f for m, f in models.items()}

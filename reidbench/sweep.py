@@ -56,6 +56,7 @@ import numpy as np
 from .attack import build_attack
 from .cache import atomic_write, locked
 from .errors import ReIDBenchError
+from .progress import log
 from .results import BUDGET_FLAG, budget_sweep_path, iter_cells, read_budget_sweep, sweep_is_current_for
 from .runner import Runner
 from .zoo.schema import get_entry
@@ -190,11 +191,16 @@ def write_findings(results_root: Path, protocol, findings: dict[str, dict], comm
     models may run side by side on one result folder."""
     path = budget_sweep_path(results_root, protocol.version)
     with locked(path):
-        previous = json.loads(path.read_text()) if path.is_file() else {}
-        # Each finding keeps the fingerprint it was measured under: a protocol edit since makes
-        # it stale (results.sweep_is_current), it must not inherit the new one.
-        before = previous.get("protocol", {}).get("fingerprint")
-        models = {m: {"protocol_fingerprint": before, **f} for m, f in previous.get("models", {}).items()}
+        # Each earlier finding keeps the fingerprint it was measured under (read_budget_sweep
+        # fills it in for older files): a protocol edit since makes it stale, it must not
+        # inherit the new one.
+        try:
+            models = dict(read_budget_sweep(results_root, protocol.version, strict=True))
+        except ReIDBenchError as exc:  # keep the unreadable file for a human, and the new finding
+            aside = path.with_name(f"{path.name}.unreadable")
+            path.replace(aside)
+            log(f"[yellow]warning:[/] {exc}; moved to {aside}, starting a new one")
+            models = {}
         for model_id, finding in findings.items():
             models[model_id] = {**finding, "command": command, "protocol_fingerprint": protocol.fingerprint()}
         payload = {"schema": 1, "protocol": {"version": protocol.version, "fingerprint": protocol.fingerprint()},

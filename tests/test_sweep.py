@@ -280,3 +280,19 @@ def test_every_committed_finding_is_current_for_its_stores_cells():
         for model_id, finding in read_budget_sweep(root, version).items():
             records = [r for _, r in iter_cells(root / version / finding["dataset"] / model_id)]
             assert sweep_is_current_for(finding, records), (path, model_id)
+
+
+def test_an_unreadable_findings_file_is_kept_aside_and_the_new_finding_written(tmp_path, capsys, monkeypatch):
+    """Bad input: a damaged budget-sweep file neither crashes the writer (after minutes of
+    attack) nor is silently overwritten: it moves aside with one warning line."""
+    from reidbench.protocol import load_protocol
+
+    monkeypatch.setenv("REIDBENCH_QUIET", "0")
+    path = budget_sweep_path(tmp_path, "v2")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"models": {"a": ')
+    budget.write_findings(tmp_path, load_protocol("v2"), {"b": {"weights_sha256": "w"}}, "test")
+    assert list(read_budget_sweep(tmp_path, "v2")) == ["b"]
+    assert path.with_name("v2.json.unreadable").read_text() == '{"models": {"a": '
+    err = capsys.readouterr().err
+    assert "malformed budget sweep" in err and "moved to" in err and "Traceback" not in err
