@@ -247,6 +247,8 @@ def cmd_render(args) -> int:
     from .protocol import load_protocol
 
     version = load_protocol(args.protocol).version if args.protocol else load_protocol().version
+    if not Path(args.results).is_dir():  # a mistyped --results would render an empty leaderboard
+        raise ReIDBenchError(f"no result store at {args.results} (write one with 'reidbench run', or pass --results)")
     log(f"leaderboard: {render_site(Path(args.results), Path(args.site) if args.site else None, version)}")
     return 0
 
@@ -258,7 +260,10 @@ def cmd_sweep(args) -> int:
     from .sweep import defended_ids, report
 
     zoo = _zoo(args)
-    ids = list(dict.fromkeys(list(args.model) + (defended_ids(zoo, args.suite) if args.all else [])))
+    chosen = defended_ids(zoo, args.suite) if args.all else []
+    if args.all and not chosen:
+        raise ReIDBenchError(f"no defended zoo entry belongs to suite(s) {sorted(args.suite or ['all'])}")
+    ids = list(dict.fromkeys(list(args.model) + chosen))
     runner = Runner(zoo, results_root=Path(args.results), device=args.device, progress=True, rerank=False,
                     protocol=load_protocol(args.protocol) if args.protocol else load_protocol())
     report(runner, ids, args.iterations, args.attack, args.rerun_floor, "reidbench sweep " + " ".join(args.argv),

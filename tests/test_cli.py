@@ -93,6 +93,15 @@ def test_unknown_protocol_version_is_one_line(tmp_path, capsys):
         assert_one_line_error(*run_cli(capsys, *argv), "unknown protocol version", "known: v1, v2")
 
 
+def test_a_missing_result_store_or_an_empty_suite_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-such-results"
+    assert_one_line_error(*run_cli(capsys, "render", "--results", str(missing), "--site", str(tmp_path / "site")),
+                          "no result store at", str(missing))
+    assert not (tmp_path / "site").exists(), "an empty leaderboard was rendered for a mistyped folder"
+    assert_one_line_error(*run_cli(capsys, "sweep", "--all", "--suite", "no-such-suite", "--results", str(tmp_path)),
+                          "no defended zoo entry belongs to suite(s) ['no-such-suite']")
+
+
 def test_no_gpu_is_one_line(capsys):
     import torch
 
