@@ -38,6 +38,10 @@ from .cache import sha256_file
 from .zoo import ZooEntry, load_weights, obtain_weights, training_entry
 from .grid import check_attack_names, protocol_grid
 
+#: offset of the seed under which the budget sweep embeds every budget's images (one per
+#: batch, the same for all budgets; apart from the attack's own seed for that batch)
+_BUDGET_SCORING_DRAWS = 7919
+
 
 def attack_id(name: str, eps: float) -> str:
     return f"{name}-eps{round(eps * 255, 3):g}"
@@ -363,6 +367,11 @@ class Runner:
                 l2sum += float(delta.norm(dim=1).sum())
                 with torch.no_grad():
                     for key, images_at in advs.items():
+                        if budgets is not None:
+                            # Common random numbers: a stochastic defense embeds every budget's
+                            # images under the same transform draws, so two budgets differ by
+                            # the attack alone, not by which draw their scoring happened to get.
+                            torch.manual_seed(attack.seed * 1_000_003 + start + _BUDGET_SCORING_DRAWS)
                         out.setdefault(key, []).append(embed(model, images_at, self.protocol.normalize).cpu())
                 bar.update(task, completed=done + len(index))
         return {key: torch.cat(parts) for key, parts in out.items()}, linf, l2sum / max(n, 1), zero_share

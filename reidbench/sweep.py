@@ -27,7 +27,11 @@ early-stopping attack's, hence only Rank-1 decides). The model is **flagged**
 identity-bootstrap interval of Rank-1 at the protocol's budget; ``still_falling`` says whether
 the last step (e.g. 100 → 500) alone still lowers it below the previous budget's interval,
 i.e. whether even the largest budget may not have converged. The protocol-budget point is
-printed beside the store's cell, which it should equal on a deterministic model.
+printed beside the store's cell, which it should equal on a deterministic model. On a
+stochastic one (EOT) every budget is embedded under the same transform draws (common random
+numbers), so the budgets differ by the attack alone; the store's cell was scored under other
+draws, and its gap to the protocol-budget point is the evaluation's own noise, which the
+identity-bootstrap interval does not include.
 
 A model whose strongest stored cell has a Rank-1 interval reaching 0 is **at the floor**: no
 budget can take Rank-1 below that interval's lower end, so it cannot be flagged, and it is

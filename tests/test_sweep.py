@@ -4,6 +4,7 @@ tiny model that writes the file the leaderboard reads."""
 import json
 
 import numpy as np
+import torch
 import pytest
 from conftest import REPO
 
@@ -106,6 +107,32 @@ def test_budgets_from_one_run_keep_the_rank1_of_separate_runs(name, tiny_model, 
             alone.iterations = n
             adv, *_ = runner.attack_images(bundle, alone)
             assert (hits(runner, bundle, feats, adv)[1] == swept[n][1]).all(), n
+
+
+def test_a_stochastic_defense_scores_every_budget_under_the_same_draws(tiny_model, tiny_zoo_file, tmp_path):
+    """Budgets of one sweep are compared with each other, so a stochastic defense must embed
+    them under common transform draws: the same images then give the same features at every
+    budget, and only the attack separates them."""
+    from conftest import zoo_with_borrower
+
+    from reidbench.protocol import load_protocol
+    from reidbench.runner import Runner
+    from reidbench.zoo import get_entry, load_zoo
+
+    zoo = zoo_with_borrower(tiny_zoo_file, tmp_path / "zoo.yaml", "tiny-rrp", defense="rrp")
+    runner = Runner(load_zoo(zoo), results_root=tmp_path, protocol=load_protocol("v2"), device="cpu",
+                    progress=False, rerank=False)
+    bundle = runner.bundle(get_entry(runner.zoo, "tiny-rrp"))
+    assert bundle.model.stochastic
+    attack = runner.make_attack("m-ifgsm", runner.protocol.eps, bundle)
+    attack.by_budget = lambda model, images, ctx, budgets: {n: images.clone() for n in budgets}  # no attack at all
+    by_budget, _ = runner.attack_images_by_budget(bundle, attack, [1, 2, 5])
+    assert torch.equal(by_budget[1], by_budget[2]) and torch.equal(by_budget[1], by_budget[5])
+    from reidbench.features import embed
+
+    images = bundle.split.query.load(torch.arange(4), tuple(bundle.model.input_size))
+    with torch.no_grad():
+        assert not torch.equal(embed(bundle.model, images, True), embed(bundle.model, images, True))  # draws matter
 
 
 def test_an_attack_without_a_loop_has_no_budgets(tiny_model, tiny_zoo_file, tmp_path):
