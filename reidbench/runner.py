@@ -350,8 +350,9 @@ class Runner:
                 done = n - len(positions[positions >= start])
                 batch_ctx.report = lambda share, done=done, count=len(index): bar.update(task, completed=done + share * count)
                 # One generator per batch, seeded from its position: results do not depend on batch order.
-                batch_ctx.generator = torch.Generator().manual_seed(attack.seed * 1_000_003 + start)
-                torch.manual_seed(attack.seed * 1_000_003 + start)  # the defense transform's draws, likewise
+                batch_seed = attack.seed * 1_000_003 + start
+                batch_ctx.generator = torch.Generator().manual_seed(batch_seed)
+                torch.manual_seed(batch_seed)  # the defense transform's draws, likewise
                 if "oracle" in attack.needs:
                     batch_ctx.oracle = RankOracle(model, ctx.gallery_feats, q.get("top_k", 10), q.get("budget", 500),
                                                   len(index), self.protocol.normalize, chunk=4 * self.batch_size)
@@ -371,7 +372,7 @@ class Runner:
                             # Common random numbers: a stochastic defense embeds every budget's
                             # images under the same transform draws, so two budgets differ by
                             # the attack alone, not by which draw their scoring happened to get.
-                            torch.manual_seed(attack.seed * 1_000_003 + start + _BUDGET_SCORING_DRAWS)
+                            torch.manual_seed(batch_seed + _BUDGET_SCORING_DRAWS)
                         out.setdefault(key, []).append(embed(model, images_at, self.protocol.normalize).cpu())
                 bar.update(task, completed=done + len(index))
         return {key: torch.cat(parts) for key, parts in out.items()}, linf, l2sum / max(n, 1), zero_share

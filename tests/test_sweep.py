@@ -4,8 +4,8 @@ tiny model that writes the file the leaderboard reads."""
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 from conftest import REPO
 
 from reidbench import sweep as budget
@@ -115,6 +115,7 @@ def test_a_stochastic_defense_scores_every_budget_under_the_same_draws(tiny_mode
     budget, and only the attack separates them."""
     from conftest import zoo_with_borrower
 
+    from reidbench.features import embed
     from reidbench.protocol import load_protocol
     from reidbench.runner import Runner
     from reidbench.zoo import get_entry, load_zoo
@@ -128,8 +129,6 @@ def test_a_stochastic_defense_scores_every_budget_under_the_same_draws(tiny_mode
     attack.by_budget = lambda model, images, ctx, budgets: {n: images.clone() for n in budgets}  # no attack at all
     by_budget, _ = runner.attack_images_by_budget(bundle, attack, [1, 2, 5])
     assert torch.equal(by_budget[1], by_budget[2]) and torch.equal(by_budget[1], by_budget[5])
-    from reidbench.features import embed
-
     images = bundle.split.query.load(torch.arange(4), tuple(bundle.model.input_size))
     with torch.no_grad():
         assert not torch.equal(embed(bundle.model, images, True), embed(bundle.model, images, True))  # draws matter
